@@ -1,0 +1,394 @@
+// CPU kernel of zo_kernels::apply_seeds_ (no torch dependency beyond c10's Half/BFloat16): K seeded noise directions applied in one pass.
+//
+//   acc = 0.0f; for k in 0..K-1: acc = acc + (z_k(i) > 0 ? c_k : -c_k)     (fp32, this order)
+//   p   = to_dtype(float(p) * decay + acc)                                   (decay == 1: no multiply)
+//
+// Layout of the work: the tensors form one flat vector (each starts on a 128-element block, global
+// index base_t + e). Work items are fixed-size chunks of elements; OpenMP splits them across threads,
+// and every element's arithmetic is independent of the split, so results do not depend on the thread
+// count. Inside a chunk, full blocks go through the fast path below; a block cut by the tensor's ends
+// (only when the caller's offset is not 128-aligned, or the last partial block) goes element by element.
+//
+// Fast path (per group of 16 blocks):
+//  1. Philox for every (block, seed) pair, 16 pairs at a time, as plain loops over 16 lanes that the
+//     compiler turns into vpmuludq/vpxor (one Philox per 128 elements; scalar Philox ran ~35 GB/s,
+//     lane-vectorized it is no longer the bottleneck).
+//  2. Signs: the bit for element j is shifted into bit 31 and XORed into the bits of -c_k, giving +c_k
+//     when the bit is 1 — a shift, an and/xor (vpternlogd) and an add per 16 elements and seed. The
+//     prototype measured masks and blends 1.1-1.6x slower than this.
+// Compiled with -ffp-contract=off: contracting `p * decay + acc` into an FMA would change the bits.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+
+#include "../philox.h"
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace zo_cpu {
+
+constexpr int kLanes = 16;          // Philox counters computed side by side
+constexpr int kGroup = 16;          // blocks per group in the fast path
+constexpr int kSeedBatch = 64;      // seeds whose words are held at once (16 KiB with kGroup = 16)
+constexpr int64_t kChunk = 1 << 15; // elements per OpenMP work item (multiple of 128 * kGroup)
+
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+inline float load_elem(const void* p, int dt, int64_t e) {
+  switch (dt) {
+    case F32: return static_cast<const float*>(p)[e];
+    case BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[e]);
+    default: return static_cast<float>(static_cast<const c10::Half*>(p)[e]);
+  }
+}
+
+inline void store_elem(void* p, int dt, int64_t e, float v) {
+  switch (dt) {
+    case F32: static_cast<float*>(p)[e] = v; break;
+    case BF16: static_cast<c10::BFloat16*>(p)[e] = c10::BFloat16(v); break;  // round to nearest even
+    default: static_cast<c10::Half*>(p)[e] = c10::Half(v); break;
+  }
+}
+
+// Philox4x32-10 over kLanes independent (counter, key) lanes. Written as loops over lanes so the
+// compiler vectorizes each statement across lanes.
+inline void philox_lanes(uint32_t* __restrict c0, uint32_t* __restrict c1, uint32_t* __restrict k0,
+                         uint32_t* __restrict k1, uint32_t* __restrict out /* [4][kLanes] */) {
+  uint32_t c2[kLanes], c3[kLanes];
+  for (int l = 0; l < kLanes; ++l) { c2[l] = 0; c3[l] = 0; }
+  for (int r = 0; r < zo::kRounds; ++r) {
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) {
+      const uint64_t pb = (uint64_t)zo::kRoundB * (uint64_t)c2[l];
+      const uint64_t pa = (uint64_t)zo::kRoundA * (uint64_t)c0[l];
+      const uint32_t n0 = (uint32_t)(pb >> 32) ^ c1[l] ^ k0[l];
+      const uint32_t n2 = (uint32_t)(pa >> 32) ^ c3[l] ^ k1[l];
+      c1[l] = (uint32_t)pb;
+      c3[l] = (uint32_t)pa;
+      c0[l] = n0;
+      c2[l] = n2;
+      k0[l] += zo::kKeyA;
+      k1[l] += zo::kKeyB;
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    out[0 * kLanes + l] = c0[l];
+    out[1 * kLanes + l] = c1[l];
+    out[2 * kLanes + l] = c2[l];
+    out[3 * kLanes + l] = c3[l];
+  }
+}
+
+// acc[0..127] += (bit j of w ? c : -c), one fp32 add per element. `ncbits` are the bits of -c.
+inline void accumulate_block(float* __restrict acc, const uint32_t w[4], uint32_t ncbits) {
+  for (int q = 0; q < 4; ++q) {
+    const uint32_t word = w[q];
+    float* a = acc + 32 * q;
+#pragma omp simd
+    for (int j = 0; j < 32; ++j) {
+      const uint32_t s = (word << (31 - j)) & 0x80000000u;  // bit j -> sign position
+      a[j] = a[j] + u2f(ncbits ^ s);                          // bit 1 flips -c to +c
+    }
+  }
+}
+
+// Full 128-element blocks [block0, block0 + nblocks) of one tensor, elements at p (dtype dt).
+// Portable version: plain loops the compiler vectorizes for the x86-64 level it is cloned for.
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+void rademacher_blocks_generic(void* p, int dt, uint64_t block0, int64_t nblocks, const uint64_t* seeds,
+                       const float* coeffs, int K, float decay) {
+  alignas(64) float acc[kGroup * zo::kBlock];
+  alignas(64) uint32_t words[kGroup * kSeedBatch * 4];  // [g][k][4]
+  alignas(64) uint32_t c0[kLanes], c1[kLanes], k0[kLanes], k1[kLanes], out[4 * kLanes];
+  alignas(64) float tmp[zo::kBlock];
+  for (int64_t g0 = 0; g0 < nblocks; g0 += kGroup) {
+    const int G = (int)std::min<int64_t>(kGroup, nblocks - g0);
+    for (int i = 0; i < G * zo::kBlock; ++i) acc[i] = 0.0f;
+    for (int kb = 0; kb < K; kb += kSeedBatch) {
+      const int KB = std::min(kSeedBatch, K - kb);
+      const int npairs = G * KB;
+      // 1. Philox for all (block, seed) pairs of this group and seed batch, 16 lanes at a time.
+      for (int q0 = 0; q0 < npairs; q0 += kLanes) {
+        for (int l = 0; l < kLanes; ++l) {
+          const int q = std::min(q0 + l, npairs - 1);  // pad the tail with a repeat
+          const int g = q / KB, k = q % KB;
+          const uint64_t b = block0 + (uint64_t)(g0 + g);
+          const uint64_t s = seeds[kb + k];
+          c0[l] = (uint32_t)(b & 0xffffffffu);
+          c1[l] = (uint32_t)(b >> 32);
+          k0[l] = zo::key_lo(s);
+          k1[l] = zo::key_hi(s);
+        }
+        philox_lanes(c0, c1, k0, k1, out);
+        const int nl = std::min(kLanes, npairs - q0);
+        for (int l = 0; l < nl; ++l) {
+          uint32_t* w = words + 4 * (q0 + l);
+          w[0] = out[l];
+          w[1] = out[kLanes + l];
+          w[2] = out[2 * kLanes + l];
+          w[3] = out[3 * kLanes + l];
+        }
+      }
+      // 2. Signs into the accumulators, seeds in order.
+      for (int g = 0; g < G; ++g) {
+        float* a = acc + g * zo::kBlock;
+        for (int k = 0; k < KB; ++k) {
+          accumulate_block(a, words + 4 * (g * KB + k), f2u(-coeffs[kb + k]));
+        }
+      }
+    }
+    // 3. p = p * decay + acc, rounded once to the tensor's dtype.
+    const int64_t e0 = g0 * zo::kBlock;
+    const int n = G * zo::kBlock;
+    if (dt == F32) {
+      float* x = static_cast<float*>(p) + e0;
+      if (decay != 1.0f) {
+#pragma omp simd
+        for (int i = 0; i < n; ++i) x[i] = x[i] * decay + acc[i];
+      } else {
+#pragma omp simd
+        for (int i = 0; i < n; ++i) x[i] = x[i] + acc[i];
+      }
+    } else {
+      for (int b = 0; b < G; ++b) {
+        const int64_t eb = e0 + (int64_t)b * zo::kBlock;
+        for (int i = 0; i < zo::kBlock; ++i) tmp[i] = load_elem(p, dt, eb + i);
+        const float* a = acc + b * zo::kBlock;
+        if (decay != 1.0f) {
+          for (int i = 0; i < zo::kBlock; ++i) tmp[i] = tmp[i] * decay + a[i];
+        } else {
+          for (int i = 0; i < zo::kBlock; ++i) tmp[i] = tmp[i] + a[i];
+        }
+        for (int i = 0; i < zo::kBlock; ++i) store_elem(p, dt, eb + i, tmp[i]);
+      }
+    }
+  }
+}
+
+#if defined(__x86_64__)
+#define ZO_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+// Finalize one block: x = x * decay + acc (f32 in registers; other dtypes through a scalar round).
+ZO_AVX512 inline void finalize_block_avx512(void* p, int dt, int64_t eb, const __m512* acc,
+                                            float decay) {
+  if (dt == F32) {
+    float* x = static_cast<float*>(p) + eb;
+    const __m512 d = _mm512_set1_ps(decay);
+    for (int v = 0; v < 8; ++v) {
+      __m512 xv = _mm512_loadu_ps(x + 16 * v);
+      if (decay != 1.0f) xv = _mm512_mul_ps(xv, d);
+      _mm512_storeu_ps(x + 16 * v, _mm512_add_ps(xv, acc[v]));
+    }
+    return;
+  }
+  alignas(64) float a[zo::kBlock];
+  for (int v = 0; v < 8; ++v) _mm512_store_ps(a + 16 * v, acc[v]);
+  for (int i = 0; i < zo::kBlock; ++i) {
+    float xi = load_elem(p, dt, eb + i);
+    if (decay != 1.0f) xi = xi * decay;
+    store_elem(p, dt, eb + i, xi + a[i]);
+  }
+}
+
+// Philox4x32-10 on 16 lanes. 32x32->64 products with vpmuludq on even and odd lanes, then blends.
+ZO_AVX512 inline void philox16(__m512i c0, __m512i c1, __m512i k0, __m512i k1, __m512i out[4]) {
+  const __m512i A = _mm512_set1_epi64(zo::kRoundA), B = _mm512_set1_epi64(zo::kRoundB);
+  const __m512i KA = _mm512_set1_epi32((int)zo::kKeyA), KB = _mm512_set1_epi32((int)zo::kKeyB);
+  const __mmask16 odd = 0xAAAA;
+  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  for (int r = 0; r < zo::kRounds; ++r) {
+    const __m512i ae = _mm512_mul_epu32(c0, A), ao = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), A);
+    const __m512i be = _mm512_mul_epu32(c2, B), bo = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), B);
+    const __m512i hiA = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(ae, 32), ao);
+    const __m512i loA = _mm512_mask_blend_epi32(odd, ae, _mm512_slli_epi64(ao, 32));
+    const __m512i hiB = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(be, 32), bo);
+    const __m512i loB = _mm512_mask_blend_epi32(odd, be, _mm512_slli_epi64(bo, 32));
+    c0 = _mm512_ternarylogic_epi32(hiB, c1, k0, 0x96);  // xor of three
+    c2 = _mm512_ternarylogic_epi32(hiA, c3, k1, 0x96);
+    c1 = loB;
+    c3 = loA;
+    k0 = _mm512_add_epi32(k0, KA);
+    k1 = _mm512_add_epi32(k1, KB);
+  }
+  out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
+}
+
+// AVX-512 fast path. Words are kept in 4 planes; (g, k) lives at g * sg + k * sk, with lanes over
+// seeds of one block when K >= 16 (contiguous keys) and over 16 blocks of one seed otherwise.
+// Per block and seed the signs cost 4 broadcasts + 8 x (vpsllvd, vpternlogd, vaddps), with the 8
+// accumulators of the block in registers across all seeds of a batch.
+ZO_AVX512 void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                        const uint64_t* seeds, const float* coeffs, int K,
+                                        float decay) {
+  alignas(64) uint32_t planes[4][kGroup * kSeedBatch];
+  alignas(64) uint32_t klo[kSeedBatch + 16], khi[kSeedBatch + 16], ncb[kSeedBatch];
+  alignas(64) float accbuf[kGroup][zo::kBlock];
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i sh_lo = _mm512_sub_epi32(_mm512_set1_epi32(31), iota);
+  const __m512i sh_hi = _mm512_sub_epi32(_mm512_set1_epi32(15), iota);
+  const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+  for (int64_t g0 = 0; g0 < nblocks; g0 += kGroup) {
+    const int G = (int)std::min<int64_t>(kGroup, nblocks - g0);
+    const uint64_t bfirst = block0 + (uint64_t)g0;
+    for (int kb = 0; kb < K || (K == 0 && kb == 0); kb += kSeedBatch) {
+      const int KB = std::min(kSeedBatch, K - kb);
+      for (int k = 0; k < KB; ++k) {
+        klo[k] = zo::key_lo(seeds[kb + k]);
+        khi[k] = zo::key_hi(seeds[kb + k]);
+        ncb[k] = f2u(-coeffs[kb + k]);
+      }
+      const bool over_seeds = KB >= 16;
+      const int sg = over_seeds ? KB : 1, sk = over_seeds ? 1 : kGroup;
+      __m512i out[4];
+      if (over_seeds) {
+        for (int g = 0; g < G; ++g) {
+          const uint64_t b = bfirst + (uint64_t)g;
+          const __m512i cb0 = _mm512_set1_epi32((int)(uint32_t)(b & 0xffffffffu));
+          const __m512i cb1 = _mm512_set1_epi32((int)(uint32_t)(b >> 32));
+          for (int k0 = 0; k0 < KB; k0 += 16) {
+            const __mmask16 m = (__mmask16)((KB - k0) >= 16 ? 0xffff : ((1u << (KB - k0)) - 1u));
+            philox16(cb0, cb1, _mm512_maskz_loadu_epi32(m, klo + k0),
+                     _mm512_maskz_loadu_epi32(m, khi + k0), out);
+            for (int q = 0; q < 4; ++q) _mm512_mask_storeu_epi32(planes[q] + g * sg + k0, m, out[q]);
+          }
+        }
+      } else if (KB > 0) {
+        // lanes over blocks: counter = bfirst + lane (64-bit add with carry into the high word)
+        alignas(64) uint32_t lo[16], hi[16];
+        for (int l = 0; l < 16; ++l) {
+          const uint64_t b = bfirst + (uint64_t)l;
+          lo[l] = (uint32_t)(b & 0xffffffffu);
+          hi[l] = (uint32_t)(b >> 32);
+        }
+        const __m512i cl = _mm512_load_si512(lo), ch = _mm512_load_si512(hi);
+        for (int k = 0; k < KB; ++k) {
+          philox16(cl, ch, _mm512_set1_epi32((int)klo[k]), _mm512_set1_epi32((int)khi[k]), out);
+          for (int q = 0; q < 4; ++q) _mm512_store_si512(planes[q] + k * sk, out[q]);
+        }
+      }
+      const bool first = kb == 0, last = kb + kSeedBatch >= K;
+      for (int g = 0; g < G; ++g) {
+        __m512 acc[8];
+        for (int v = 0; v < 8; ++v)
+          acc[v] = first ? _mm512_setzero_ps() : _mm512_load_ps(accbuf[g] + 16 * v);
+        for (int k = 0; k < KB; ++k) {
+          const __m512i nc = _mm512_set1_epi32((int)ncb[k]);
+          const int idx = g * sg + k * sk;
+          for (int q = 0; q < 4; ++q) {
+            const __m512i w = _mm512_set1_epi32((int)planes[q][idx]);
+            const __m512i t0 = _mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_lo), sign, nc, 0x6A);
+            const __m512i t1 = _mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_hi), sign, nc, 0x6A);
+            acc[2 * q] = _mm512_add_ps(acc[2 * q], _mm512_castsi512_ps(t0));
+            acc[2 * q + 1] = _mm512_add_ps(acc[2 * q + 1], _mm512_castsi512_ps(t1));
+          }
+        }
+        if (last) {
+          finalize_block_avx512(p, dt, (g0 + g) * (int64_t)zo::kBlock, acc, decay);
+        } else {
+          for (int v = 0; v < 8; ++v) _mm512_store_ps(accbuf[g] + 16 * v, acc[v]);
+        }
+      }
+      if (K == 0) break;
+    }
+  }
+}
+#endif
+
+// True when the AVX-512 path runs: the CPU has it and ZO_KERNELS_NO_AVX512 is unset (that variable
+// forces the portable path, for testing it on AVX-512 machines). Read once per process.
+bool have_avx512() {
+#if defined(__x86_64__)
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+           std::getenv("ZO_KERNELS_NO_AVX512") == nullptr;
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void rademacher_blocks(void* p, int dt, uint64_t block0, int64_t nblocks, const uint64_t* seeds,
+                       const float* coeffs, int K, float decay) {
+#if defined(__x86_64__)
+  if (have_avx512()) {
+    rademacher_blocks_avx512(p, dt, block0, nblocks, seeds, coeffs, K, decay);
+    return;
+  }
+#endif
+  rademacher_blocks_generic(p, dt, block0, nblocks, seeds, coeffs, K, decay);
+}
+
+// Element by element, for elements [e0, e1) of a tensor whose element 0 has global index base.
+void rademacher_elements(void* p, int dt, uint64_t base, int64_t e0, int64_t e1,
+                         const uint64_t* seeds, const float* coeffs, int K, float decay) {
+  for (int64_t e = e0; e < e1; ++e) {
+    const uint64_t i = base + (uint64_t)e;
+    float acc = 0.0f;
+    for (int k = 0; k < K; ++k) {
+      uint32_t w[4];
+      zo::rademacher_words(seeds[k], i >> 7, w);
+      acc = acc + (zo::rademacher_positive(w, (uint32_t)(i & 127u)) ? coeffs[k] : -coeffs[k]);
+    }
+    float x = load_elem(p, dt, e);
+    if (decay != 1.0f) x = x * decay;
+    store_elem(p, dt, e, x + acc);
+  }
+}
+
+void gaussian_elements(void* p, int dt, uint64_t base, int64_t e0, int64_t e1, const uint64_t* seeds,
+                       const float* coeffs, int K, float decay) {
+  for (int64_t e = e0; e < e1; ++e) {
+    const uint64_t i = base + (uint64_t)e;
+    float acc = 0.0f;
+    for (int k = 0; k < K; ++k) acc = acc + coeffs[k] * zo::gaussian_value(seeds[k], i);
+    float x = load_elem(p, dt, e);
+    if (decay != 1.0f) x = x * decay;
+    store_elem(p, dt, e, x + acc);
+  }
+}
+
+struct Job {
+  void* ptr;
+  int dt;
+  uint64_t base;
+  int64_t e0, e1;
+};
+
+void run_job(const Job& j, const uint64_t* seeds, const float* coeffs, int K, float decay,
+             int dist) {
+  if (dist != 0) {
+    gaussian_elements(j.ptr, j.dt, j.base, j.e0, j.e1, seeds, coeffs, K, decay);
+    return;
+  }
+  // Split [e0, e1) into: head up to the first block boundary, full blocks, tail.
+  const uint64_t g0 = j.base + (uint64_t)j.e0, g1 = j.base + (uint64_t)j.e1;
+  uint64_t fb = (g0 + 127u) & ~uint64_t(127u);  // first full-block start (global)
+  uint64_t lb = g1 & ~uint64_t(127u);           // end of the last full block (global)
+  if (fb >= lb) {
+    rademacher_elements(j.ptr, j.dt, j.base, j.e0, j.e1, seeds, coeffs, K, decay);
+    return;
+  }
+  const int64_t ef = (int64_t)(fb - j.base), el = (int64_t)(lb - j.base);
+  if (ef > j.e0) rademacher_elements(j.ptr, j.dt, j.base, j.e0, ef, seeds, coeffs, K, decay);
+  const size_t esz = j.dt == F32 ? 4 : 2;
+  void* pf = static_cast<char*>(j.ptr) + (size_t)ef * esz;
+  rademacher_blocks(pf, j.dt, fb >> 7, (el - ef) / zo::kBlock, seeds, coeffs, K, decay);
+  if (el < j.e1) rademacher_elements(j.ptr, j.dt, j.base, el, j.e1, seeds, coeffs, K, decay);
+}
+
+}  // namespace zo_cpu

@@ -1,0 +1,91 @@
+"""Triton backend of ``apply_seeds_`` (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
+
+One program covers ``NB`` whole noise blocks (``NB * 128`` consecutive global indices, aligned to the
+block grid), so every Philox call serves a full row of 128 elements: the tile is ``[NB, 128]``, the
+four Philox words of a row are computed once per seed (``tl.philox`` on uint32 counters, exactly
+stream v1) and each element picks its bit. Elements of the tile outside the tensor are masked.
+
+Seeds are looped inside the kernel, so K seeds cost one read and one write of the tensor. The
+multiply-add ``p * decay + acc`` is kept unfused (``enable_fp_fusion=False``) so the result matches
+the CPU bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+NB_DEFAULT = 8  # blocks per program: 1024 elements
+
+
+@triton.jit
+def _apply_seeds_kernel(x_ptr, n, base, seeds_ptr, coeffs_ptr, K, decay,
+                        APPLY_DECAY: tl.constexpr, GAUSSIAN: tl.constexpr, IS_BF16: tl.constexpr,
+                        NB: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    first_block = base // 128
+    rows = first_block + pid * NB + tl.arange(0, NB).to(tl.int64)          # global block ids [NB]
+    j = tl.arange(0, 128)                                                   # bit within block [128]
+    gidx = rows[:, None] * 128 + j[None, :].to(tl.int64)                    # global index [NB,128]
+    e = gidx - base                                                         # element index
+    mask = (e >= 0) & (e < n)
+    acc = tl.zeros((NB, 128), dtype=tl.float32)
+    zero_row = tl.zeros((NB,), dtype=tl.uint32)
+    for k in range(K):
+        seed = tl.load(seeds_ptr + k).to(tl.uint64, bitcast=True)
+        c = tl.load(coeffs_ptr + k)
+        if GAUSSIAN:
+            lo = (gidx & 0xFFFFFFFF).to(tl.uint32)
+            hi = (gidx >> 32).to(tl.uint32)
+            zero = tl.zeros((NB, 128), dtype=tl.uint32)
+            x0, x1, _, _ = tl.philox(seed, lo, hi, zero, zero)
+            u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(x0))
+            u2 = tl.uint_to_uniform_float(x1)
+            z = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+            acc = acc + c * z
+        else:
+            b_lo = (rows & 0xFFFFFFFF).to(tl.uint32)
+            b_hi = (rows >> 32).to(tl.uint32)
+            x0, x1, x2, x3 = tl.philox(seed, b_lo, b_hi, zero_row, zero_row)
+            q = (j >> 5)[None, :]
+            w = tl.where(q == 0, x0[:, None],
+                         tl.where(q == 1, x1[:, None], tl.where(q == 2, x2[:, None], x3[:, None])))
+            bit = (w >> (j & 31).to(tl.uint32)[None, :]) & 1
+            acc = acc + tl.where(bit != 0, c, -c)
+    p = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
+    if APPLY_DECAY:
+        p = p * decay
+    p = p + acc
+    if IS_BF16:
+        # Round to nearest even by hand: the interpreter's float32 -> bfloat16 cast truncates, and
+        # this form is the same on every target. NaN stays NaN (quiet NaN 0x7FC0, as torch).
+        bits = p.to(tl.uint32, bitcast=True)
+        r = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        r = tl.where(p != p, 0x7FC0, r).to(tl.uint16)
+        tl.store(x_ptr + e, r.to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(x_ptr + e, p.to(x_ptr.dtype.element_ty), mask=mask)
+
+
+def apply_seeds_triton(tensors, seeds, coeffs, bases, decay: float, dist: str, nb: int = NB_DEFAULT):
+    """Launch the kernel once per tensor. ``seeds`` int64 and ``coeffs`` float32 (any device; moved
+    to the tensors' device), ``bases`` the global index of each tensor's element 0."""
+    if not tensors:
+        return
+    dev = tensors[0].device
+    seeds_d = seeds.to(dev)
+    coeffs_d = coeffs.to(dev)
+    K = int(seeds_d.numel())
+    kwargs = {}
+    if dev.type == "cuda":
+        kwargs["enable_fp_fusion"] = False
+    for t, base in zip(tensors, bases):
+        n = t.numel()
+        if n == 0:
+            continue
+        nblocks = (base + n - 1) // 128 - base // 128 + 1
+        grid = (triton.cdiv(nblocks, nb),)
+        _apply_seeds_kernel[grid](t, n, base, seeds_d, coeffs_d, K, float(decay),
+                                  APPLY_DECAY=float(decay) != 1.0, GAUSSIAN=dist == "gaussian",
+                                  IS_BF16=t.dtype == torch.bfloat16,
+                                  NB=nb, **kwargs)
