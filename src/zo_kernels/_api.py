@@ -50,6 +50,9 @@ def _check_tensors(ts: list[torch.Tensor], fn: str) -> None:
                              "not contiguous; the noise stream indexes elements in row-major "
                              "order of contiguous memory. Pass t.contiguous() and copy back, or a "
                              "contiguous parameter")
+        if t.is_inference() and not torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{fn}: tensors[{i}] is an inference tensor; updating it in place "
+                               "is only allowed inside torch.inference_mode() (as for any torch op)")
     devs = {t.device for t in ts}
     if len(devs) > 1:
         raise ValueError(f"{fn}: all tensors must be on one device, got {sorted(map(str, devs))}")
@@ -79,6 +82,8 @@ def _seeds_tensor(seeds, fn: str) -> torch.Tensor:
                             f"of unsigned 64-bit seeds), got {seeds.dtype}")
         if seeds.dim() > 1:
             raise ValueError(f"{fn}: seeds must be 1-D, got shape {tuple(seeds.shape)}")
+        if seeds.device.type == "meta":
+            raise ValueError(f"{fn}: seeds is a meta tensor (no values); pass real seeds")
         return seeds.reshape(-1).to("cpu").contiguous()
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
         raise TypeError(f"{fn}: seeds must be a sequence of ints or an int64 tensor, "
@@ -93,6 +98,8 @@ def _coeffs_tensor(coeffs, fn: str) -> torch.Tensor:
             raise TypeError(f"{fn}: a coeffs tensor must be floating point, got {coeffs.dtype}")
         if coeffs.dim() > 1:
             raise ValueError(f"{fn}: coeffs must be 1-D, got shape {tuple(coeffs.shape)}")
+        if coeffs.device.type == "meta":
+            raise ValueError(f"{fn}: coeffs is a meta tensor (no values); pass real coefficients")
         c = coeffs.detach().reshape(-1).to("cpu", torch.float32).contiguous()
     else:
         if isinstance(coeffs, (str, bytes)) or not isinstance(coeffs, Iterable):
@@ -124,6 +131,8 @@ def offsets(tensors: TensorList, start: int = 0) -> list[int]:
     128-element block, so one Philox call never spans two tensors.
     """
     ts = _as_list(tensors, "offsets")
+    if isinstance(start, bool) or not isinstance(start, numbers.Integral) or start < 0:
+        raise ValueError(f"offsets: start must be an int >= 0, got {start!r}")
     out, pos = [], int(start)
     for t in ts:
         out.append(pos)
@@ -284,10 +293,11 @@ def apply_seeds_(tensors: TensorList, seeds, coeffs, decay: float = 1.0, dist: s
     pairs = [(t, b) for t, b in zip(ts, bases) if t.numel() > 0]
     ts_run, bases_run = [p[0] for p in pairs], [p[1] for p in pairs]
     with torch.no_grad():
-        if backend is None:
-            torch.ops.zo_kernels.apply_seeds_(ts_run, seeds_t, coeffs_t, bases_run, float(decay), dist)
-        else:
-            _IMPLS[backend](ts_run, seeds_t, coeffs_t, bases_run, float(decay), dist)
+        # Straight to the backend: going through torch.ops costs a one-time import of torch._dynamo
+        # (2-4 s) and a few microseconds per call; the registered op is there for torch.compile and
+        # opcheck, and dispatches to the same functions.
+        _IMPLS[backend or _default_backend(device)](ts_run, seeds_t, coeffs_t, bases_run,
+                                                    float(decay), dist)
     return None
 
 

@@ -59,17 +59,20 @@ def _key(seed: int) -> tuple[int, int]:
 
 
 def rademacher_signs(seed: int, start: int, n: int, device="cpu") -> torch.Tensor:
-    """Bool tensor of length n: True where z_i = +1, for global indices start .. start+n-1."""
-    i = torch.arange(start, start + n, dtype=torch.int64, device=device)
-    b = i >> 7
-    j = i & 127
+    """Bool tensor of length n: True where z_i = +1, for global indices start .. start+n-1.
+
+    One Philox call per 128-element block (as the contract defines), then each element takes bit
+    (i % 32) of word (i % 128) // 32 of its block.
+    """
+    b0, b1 = start >> 7, (start + n - 1) >> 7
+    b = torch.arange(b0, b1 + 1, dtype=torch.int64, device=device)
     k0, k1 = _key(seed)
     zero = torch.zeros_like(b)
-    x = philox4x32_10(b & MASK32, b >> 32, zero, zero, k0, k1)
-    word_idx = j >> 5
-    word = torch.where(word_idx == 0, x[0], torch.where(word_idx == 1, x[1],
-                       torch.where(word_idx == 2, x[2], x[3])))
-    return ((word >> (j & 31)) & 1).bool()
+    words = torch.stack(philox4x32_10(b & MASK32, b >> 32, zero, zero, k0, k1), dim=1)  # [nb, 4]
+    j = torch.arange(BLOCK, device=device)
+    bits = (words[:, j >> 5] >> (j & 31)) & 1                                           # [nb, 128]
+    lo = start - (b0 << 7)
+    return bits.reshape(-1)[lo:lo + n].bool()
 
 
 def _uniform(x: torch.Tensor) -> torch.Tensor:
