@@ -1,0 +1,577 @@
+"""Models for ZOWarmUp experiments, and the on-device memory each training method needs.
+
+Public API:
+
+- :func:`build_model` - ``"resnet18"`` (CIFAR-style, BatchNorm or GroupNorm), ``"vit_small"``,
+  ``"vit_b16"``, ``"cnn"``, ``"mlp"``; all take NCHW float input and return (N, num_classes)
+  logits.
+- :func:`model_memory_table` - memory per method by formula (the paper's Table 1) for any model;
+  :func:`activation_profile` - the per-layer activation sizes it is built on.
+
+All models are plain ``nn.Module`` s built only from standard layers: no in-place activation
+tricks, so a forward under ``torch.no_grad()`` (zeroth-order training) and a backward (FedAvg
+warm-up) both work, in float32, bfloat16 and float16 (``model.to(dtype)``). Initialization draws
+from torch's global RNG in a fixed order, so ``torch.manual_seed(s)`` before :func:`build_model`
+gives identical weights.
+
+Note for zeroth-order training with BatchNorm: in train mode every forward uses batch statistics
+and updates the running averages, so the 2S perturbed forwards of a ZO step each move the running
+stats. GroupNorm (``norm="gn"``) or ``norm="none"`` have no such state.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["build_model", "MODELS", "NORMS", "ResNet18", "VisionTransformer", "SmallCNN", "MLP",
+           "activation_profile", "model_memory_table", "MEMORY_METHODS", "count_parameters"]
+
+#: Names understood by :func:`build_model`.
+MODELS = ("resnet18", "vit_small", "vit_b16", "cnn", "mlp")
+#: Normalization choices for the convolutional models and the MLP.
+NORMS = ("bn", "gn", "none")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------------
+
+def _gn_groups(channels: int, groups: int) -> int:
+    if channels % groups:
+        raise ValueError(f"gn_groups={groups} does not divide a layer's {channels} channels")
+    return groups
+
+
+def _norm2d(norm: str, channels: int, gn_groups: int) -> nn.Module:
+    if norm == "bn":
+        return nn.BatchNorm2d(channels)
+    if norm == "gn":
+        return nn.GroupNorm(_gn_groups(channels, gn_groups), channels)
+    return nn.Identity()
+
+
+def _norm1d(norm: str, features: int, gn_groups: int) -> nn.Module:
+    if norm == "bn":
+        return nn.BatchNorm1d(features)
+    if norm == "gn":
+        return nn.GroupNorm(_gn_groups(features, gn_groups), features)
+    return nn.Identity()
+
+
+class _BasicBlock(nn.Module):
+    """ResNet basic block: two 3x3 convolutions and a shortcut (1x1 conv + norm on a shape
+    change)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, norm: str, gn_groups: int):
+        super().__init__()
+        bias = norm == "none"
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=bias)
+        self.n1 = _norm2d(norm, cout, gn_groups)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=bias)
+        self.n2 = _norm2d(norm, cout, gn_groups)
+        self.act1 = nn.ReLU()
+        self.act2 = nn.ReLU()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=bias),
+                                          _norm2d(norm, cout, gn_groups))
+        else:
+            self.shortcut = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act1(self.n1(self.conv1(x)))
+        out = self.n2(self.conv2(out))
+        return self.act2(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 for small images (the CIFAR variant of He et al. 2016 used by the paper).
+
+    Stem: 3x3 conv, stride 1, ``width`` channels, norm, ReLU, no max-pool. Four stages of two
+    basic blocks with ``width * (1, 2, 4, 8)`` channels, strides (1, 2, 2, 2), global average
+    pool, linear classifier. With ``width=64`` and 10 classes: 11,173,962 parameters.
+
+    Args:
+        num_classes: K.
+        in_channels: C of the input (N, C, H, W); any H, W >= 1 (32x32 is the design size).
+        norm: ``"bn"`` (BatchNorm, the paper's FedAvg setting), ``"gn"`` (GroupNorm with
+            ``gn_groups`` groups, the paper's FedAdam setting; 2 groups as in Hsieh et al. 2020 and
+            Reddi et al. 2021) or ``"none"`` (convolutions then carry a bias).
+        width: channels of the stem and first stage.
+        gn_groups: groups per GroupNorm layer.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3, norm: str = "bn",
+                 width: int = 64, gn_groups: int = 2):
+        super().__init__()
+        bias = norm == "none"
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=bias),
+                                  _norm2d(norm, width, gn_groups), nn.ReLU())
+        stages, cin = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            cout = width * 2 ** i
+            stages.append(nn.Sequential(_BasicBlock(cin, cout, stride, norm, gn_groups),
+                                        _BasicBlock(cout, cout, 1, norm, gn_groups)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, num_classes) logits."""
+        x = self.stem(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class _SDPA(nn.Module):
+    """Scaled dot-product attention as a leaf module, so that activation hooks see its output."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.core = _SDPA()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        o = self.core(qkv[0], qkv[1], qkv[2])  # (B, heads, T, d/heads)
+        return self.proj(o.transpose(1, 2).reshape(b, t, d))
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.ln1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = _Attention(dim, heads)
+        self.ln2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.mlp(self.ln2(x))
+
+
+def _auto_patch(image_size: int) -> int:
+    """Patch size giving a token grid closest to 8x8 (ties: the smaller patch); it must divide
+    ``image_size``. 32 -> 4 (8x8 tokens), 28 -> 4 (7x7), 64 -> 8, 8 -> 1."""
+    divisors = [p for p in range(1, image_size + 1) if image_size % p == 0]
+    return min(divisors, key=lambda p: (abs(image_size // p - 8), p))
+
+
+class VisionTransformer(nn.Module):
+    """Vision Transformer (Dosovitskiy et al. 2021): patch embedding, class token, learned
+    position embeddings, ``depth`` pre-norm blocks, LayerNorm, linear head on the class token.
+
+    Args:
+        num_classes: K.
+        in_channels: C.
+        image_size: H == W of the input, pixels; must be divisible by ``patch_size``.
+        patch_size: pixels per patch side.
+        dim: embedding width.
+        depth: number of blocks.
+        heads: attention heads (must divide ``dim``).
+        mlp_ratio: MLP hidden width / dim.
+
+    Parameters (for checks): ``12 dim^2 + 13 dim`` per block, plus patch embedding
+    ``(C p^2 + 1) dim``, class token and positions ``(T + 2) dim`` (T = (image_size / p)^2
+    patches), final norm ``2 dim`` and head ``(dim + 1) K``.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, patch_size: int,
+                 dim: int, depth: int, heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"patch_size={patch_size} does not divide image_size={image_size}")
+        if dim % heads:
+            raise ValueError(f"heads={heads} does not divide dim={dim}")
+        self.patch_size = patch_size
+        tokens = (image_size // patch_size) ** 2
+        self.patch_embed = nn.Conv2d(in_channels, dim, patch_size, patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, tokens + 1, dim))
+        self.blocks = nn.Sequential(*[_Block(dim, heads, mlp_ratio) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, num_classes) logits."""
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (N, T, dim)
+        cls = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls, x], dim=1) + self.pos_embed
+        x = self.norm(self.blocks(x))
+        return self.head(x[:, 0])
+
+
+class SmallCNN(nn.Module):
+    """Small CNN for CPU-scale runs (8x8 digits, 28x28 MNIST, 32x32 CIFAR).
+
+    ``len(widths)`` stages of [3x3 conv (padding 1), norm, ReLU]; a 2x2 max-pool follows every
+    stage but the last while the feature map is at least 4 pixels wide (8 -> 4 -> 2, 28 -> 14 -> 7,
+    32 -> 16 -> 8); then adaptive average pooling to 2x2 and a linear classifier. With the default
+    widths (16, 32, 64), 1 input channel and 10 classes: 26,570 parameters (``norm="bn"``).
+    """
+
+    def __init__(self, num_classes: int, in_channels: int, image_size: int, norm: str = "bn",
+                 widths: tuple = (16, 32, 64), gn_groups: int = 2):
+        super().__init__()
+        layers, cin, size = [], in_channels, image_size
+        for i, w in enumerate(widths):
+            layers += [nn.Conv2d(cin, w, 3, 1, 1, bias=norm == "none"), _norm2d(norm, w, gn_groups),
+                       nn.ReLU()]
+            if i < len(widths) - 1 and size >= 4:
+                layers.append(nn.MaxPool2d(2))
+                size //= 2
+            cin = w
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(2)
+        self.fc = nn.Linear(cin * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, num_classes) logits."""
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+class MLP(nn.Module):
+    """Multi-layer perceptron on the flattened image: [Linear, norm, ReLU] per hidden width, then
+    a linear classifier. Input (N, C, H, W) or (N, C*H*W)."""
+
+    def __init__(self, num_classes: int, in_features: int, norm: str = "bn",
+                 hidden: tuple = (128,), gn_groups: int = 2):
+        super().__init__()
+        layers, fin = [], in_features
+        for h in hidden:
+            layers += [nn.Linear(fin, h), _norm1d(norm, h, gn_groups), nn.ReLU()]
+            fin = h
+        layers.append(nn.Linear(fin, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (N, num_classes) logits."""
+        return self.net(torch.flatten(x, 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Factory
+# --------------------------------------------------------------------------------------------------
+
+_VIT_CONFIGS = {
+    # A small ViT for CPU-scale runs (ViT-Tiny width, half depth): 2.7M params at 32x32.
+    "vit_small": dict(dim=192, depth=6, heads=3, mlp_ratio=4.0),
+    # ViT-B/16 (Dosovitskiy et al.): 12 layers, width 768, 12 heads, MLP 3072, patch 16.
+    "vit_b16": dict(dim=768, depth=12, heads=12, mlp_ratio=4.0),
+}
+_KWARGS = {
+    "resnet18": {"width", "gn_groups"},
+    "cnn": {"widths", "gn_groups"},
+    "mlp": {"hidden", "gn_groups"},
+    "vit_small": {"patch_size", "dim", "depth", "heads", "mlp_ratio"},
+    "vit_b16": {"patch_size", "dim", "depth", "heads", "mlp_ratio"},
+}
+
+
+def _pos_int(name: str, v) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return int(v)
+
+
+def _int_tuple(name: str, v) -> tuple:
+    if isinstance(v, numbers.Integral):
+        v = (v,)
+    try:
+        v = tuple(v)
+    except TypeError:
+        raise ValueError(f"{name} must be a sequence of positive ints, got {v!r}") from None
+    return tuple(_pos_int(name, x) for x in v)
+
+
+def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
+                norm: str | None = None, **kw) -> nn.Module:
+    """Build a classifier by name.
+
+    Args:
+        name: one of :data:`MODELS`:
+
+            - ``"resnet18"``: :class:`ResNet18` (CIFAR-style 3x3 stem, no max-pool). kw: ``width``
+              (64), ``gn_groups`` (2).
+            - ``"vit_small"``: :class:`VisionTransformer` with dim 192, depth 6, 3 heads, MLP 768
+              (a CPU-scale ViT, not DeiT's ViT-S).
+            - ``"vit_b16"``: ViT-B/16's transformer (12 layers, dim 768, 12 heads, MLP 3072).
+              Patch 16 when ``image_size >= 128`` (e.g. 224 -> 14x14 tokens); smaller images would
+              give too few tokens (32 / 16 = 2x2), so there the patch defaults to the size giving a
+              grid closest to 8x8: 4 for 32x32 inputs. Pass ``patch_size=16`` to force it.
+              ViT kw: ``patch_size``, ``dim``, ``depth``, ``heads``, ``mlp_ratio``.
+            - ``"cnn"``: :class:`SmallCNN`. kw: ``widths`` ((16, 32, 64)), ``gn_groups`` (2).
+            - ``"mlp"``: :class:`MLP` on ``in_channels * image_size**2`` features. kw: ``hidden``
+              ((128,)), ``gn_groups`` (2).
+        num_classes: K >= 1, output width.
+        in_channels: C of the (N, C, H, W) input.
+        image_size: H == W, pixels.
+        norm: ``"bn"``, ``"gn"`` or ``"none"`` for resnet18 / cnn / mlp (default ``"bn"``). The
+            ViTs always use LayerNorm: pass ``None`` or ``"ln"``.
+
+    Returns:
+        ``nn.Module`` in float32 on the CPU, train mode; ``model(x)`` maps (N, C, H, W) to
+        (N, K) logits.
+
+    Raises:
+        ValueError: unknown name, norm, or a bad size; TypeError: an unknown keyword.
+    """
+    if not isinstance(name, str) or name.lower() not in MODELS:
+        raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(MODELS)}")
+    name = name.lower()
+    num_classes = _pos_int("num_classes", num_classes)
+    in_channels = _pos_int("in_channels", in_channels)
+    image_size = _pos_int("image_size", image_size)
+    unknown = set(kw) - _KWARGS[name]
+    if unknown:
+        raise TypeError(f"build_model({name!r}) got unknown keyword(s) {sorted(unknown)}; "
+                        f"allowed: {sorted(_KWARGS[name])}")
+    gn_groups = _pos_int("gn_groups", kw.get("gn_groups", 2))
+
+    if name.startswith("vit"):
+        if norm not in (None, "ln"):
+            raise ValueError(f"{name} uses LayerNorm; norm must be None or 'ln', got {norm!r}")
+        cfg = dict(_VIT_CONFIGS[name])
+        for k in ("dim", "depth", "heads"):
+            if k in kw:
+                cfg[k] = _pos_int(k, kw[k])
+        if "mlp_ratio" in kw:
+            r = kw["mlp_ratio"]
+            if not isinstance(r, numbers.Real) or isinstance(r, bool) or not r > 0:
+                raise ValueError(f"mlp_ratio must be a positive number, got {r!r}")
+            cfg["mlp_ratio"] = float(r)
+        if "patch_size" in kw:
+            patch = _pos_int("patch_size", kw["patch_size"])
+        elif name == "vit_b16" and image_size >= 128 and image_size % 16 == 0:
+            patch = 16
+        else:
+            patch = _auto_patch(image_size)
+        if image_size % patch:
+            raise ValueError(f"patch_size={patch} does not divide image_size={image_size}")
+        if cfg["dim"] % cfg["heads"]:
+            raise ValueError(f"heads={cfg['heads']} does not divide dim={cfg['dim']}")
+        return VisionTransformer(num_classes, in_channels, image_size, patch, **cfg)
+
+    norm = "bn" if norm is None else norm
+    if norm not in NORMS:
+        raise ValueError(f"norm must be one of {', '.join(NORMS)} for {name}, got {norm!r}")
+    if name == "resnet18":
+        width = _pos_int("width", kw.get("width", 64))
+        if norm == "gn":
+            _gn_groups(width, gn_groups)  # every layer has width * 2^i channels
+        return ResNet18(num_classes, in_channels, norm, width, gn_groups)
+    if name == "cnn":
+        widths = _int_tuple("widths", kw.get("widths", (16, 32, 64)))
+        if norm == "gn":
+            for w in widths:
+                _gn_groups(w, gn_groups)
+        return SmallCNN(num_classes, in_channels, image_size, norm, widths, gn_groups)
+    hidden = _int_tuple("hidden", kw.get("hidden", (128,)))
+    if norm == "gn":
+        for h in hidden:
+            _gn_groups(h, gn_groups)
+    return MLP(num_classes, in_channels * image_size * image_size, norm, hidden, gn_groups)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameter elements (shared parameters counted once)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# --------------------------------------------------------------------------------------------------
+# Memory by formula (the paper's Table 1)
+# --------------------------------------------------------------------------------------------------
+
+#: Methods :func:`model_memory_table` knows, with the aliases it accepts.
+MEMORY_METHODS = ("inference", "zo", "mezo", "backprop_sgd", "backprop_sgdm", "backprop_adam")
+# FedAvg and FedAdam clients both run plain SGD (FedAdam's Adam state lives on the server), so both
+# alias backprop_sgd.
+_ALIASES = {"zowarmup": "zo", "zo_fused": "zo", "fedavg": "backprop_sgd", "fedadam": "backprop_sgd",
+            "backprop": "backprop_sgd", "sgd": "backprop_sgd", "sgdm": "backprop_sgdm",
+            "adam": "backprop_adam"}
+_OPT_STATES = {"backprop_sgd": 0, "backprop_sgdm": 1, "backprop_adam": 2}
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (tuple, list)):
+        return sum(_tensor_bytes(o) for o in obj)
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(o) for o in obj.values())
+    return 0
+
+
+def activation_profile(model: nn.Module, input_shape, batch_size: int = 1,
+                       dtype: torch.dtype | None = None) -> dict:
+    """Activation sizes from one forward pass with hooks on every leaf module.
+
+    The forward runs on ONE sample (eval mode, ``torch.no_grad``; the model's train/eval flags are
+    restored afterwards) on the model's device and in its parameter dtype, or ``dtype`` if given;
+    a model on the ``meta`` device runs without computing anything. Sizes are then multiplied by
+    ``batch_size``: activations of the models here are linear in the batch.
+
+    Args:
+        model: any ``nn.Module`` taking one tensor.
+        input_shape: per-sample shape, e.g. ``(3, 32, 32)`` (no batch dimension).
+        batch_size: samples per forward.
+        dtype: input dtype (default: the first floating parameter's dtype, else float32).
+
+    Returns:
+        dict with (all bytes, for ``batch_size`` samples):
+        ``input_bytes``; ``layer_peak_bytes`` = max over leaf modules of (input + output bytes), the
+        live activations while one layer runs; ``total_bytes`` = input + the sum of every leaf's
+        output, what backprop keeps for the backward pass; ``layers`` = list of
+        ``(module_name, input_bytes, output_bytes)``.
+    """
+    batch_size = _pos_int("batch_size", batch_size)
+    try:
+        input_shape = tuple(int(s) for s in input_shape)
+    except TypeError:
+        raise ValueError(f"input_shape must be a per-sample shape such as (3, 32, 32), got "
+                         f"{input_shape!r}") from None
+    if not input_shape or any(s < 1 for s in input_shape):
+        raise ValueError(f"input_shape must be a per-sample shape of positive sizes, got "
+                         f"{input_shape!r}")
+    params = [p for p in model.parameters()] + [b for b in model.buffers()]
+    device = params[0].device if params else torch.device("cpu")
+    if dtype is None:
+        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
+    layers: list[tuple[str, int, int]] = []
+    handles = []
+    for mod_name, m in model.named_modules():
+        if next(m.children(), None) is None:
+            def hook(mod, args, out, _n=mod_name):
+                layers.append((_n, _tensor_bytes(args), _tensor_bytes(out)))
+            handles.append(m.register_forward_hook(hook))
+    flags = {m: m.training for m in model.modules()}
+    x = torch.zeros((1, *input_shape), dtype=dtype, device=device)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, f in flags.items():
+            m.training = f
+    in_b = _tensor_bytes(x)
+    peak = max([i + o for _, i, o in layers], default=in_b)
+    total = in_b + sum(o for _, _, o in layers)
+    return {"input_bytes": in_b * batch_size, "layer_peak_bytes": peak * batch_size,
+            "total_bytes": total * batch_size,
+            "layers": [(n, i * batch_size, o * batch_size) for n, i, o in layers]}
+
+
+def model_memory_table(model: nn.Module, batch_size: int, input_shape,
+                       methods=MEMORY_METHODS, dtype: torch.dtype | None = None) -> dict:
+    """On-device training memory per method, by formula (the paper's Table 1), for any model.
+
+    Terms (bytes): ``W`` = parameters + buffers in their dtypes; ``G`` = trainable parameters (one
+    gradient each, same dtype); ``P`` = the largest single parameter tensor; ``A1`` = activations
+    live while one layer runs (:func:`activation_profile` ``layer_peak_bytes``); ``A`` = all
+    activations kept for backprop (``total_bytes``). ``batch_size`` is the samples per forward
+    (for ZO: the micro-batch, since the whole-dataset step is evaluated in micro-batches).
+
+    ============== ================= ===========================================================
+    method         formula           why
+    ============== ================= ===========================================================
+    inference      W + A1            a forward frees each activation once the next layer ran
+    zo             W + A1            ours: noise is regenerated inside the fused kernels, never
+                                     stored; the S projected gradients are S floats
+    mezo           W + A1 + P        MeZO materializes z for one parameter tensor at a time
+    backprop_sgd   W + G + A         FedAvg client SGD (no momentum)
+    backprop_sgdm  W + 2G + A        + a momentum buffer
+    backprop_adam  W + 3G + A        + Adam's two moments
+    ============== ================= ===========================================================
+
+    These are lower bounds that ignore allocator overhead, framework workspace and temporaries
+    inside a layer (e.g. attention scores), which is why the measured peak is reported beside them.
+
+    Args:
+        model: any ``nn.Module`` taking one tensor.
+        batch_size: samples per forward.
+        input_shape: per-sample input shape, e.g. ``(3, 32, 32)``.
+        methods: names from :data:`MEMORY_METHODS`, or the aliases ``zowarmup``/``zo_fused``
+            (zo), ``fedavg``/``fedadam``/``backprop``/``sgd`` (backprop_sgd: in both FedAvg and
+            FedAdam the client runs SGD; FedAdam's moments live on the server), ``sgdm``
+            (backprop_sgdm), ``adam`` (backprop_adam). Output keys are the names as given.
+        dtype: activation dtype (default: the model's parameter dtype).
+
+    Returns:
+        ``{method: {"total_bytes", "weights", "grads", "optimizer_state", "activations", "noise",
+        "formula", "vs_inference"}}``, all sizes in bytes (ints); ``vs_inference`` = total /
+        inference total.
+    """
+    if isinstance(methods, str):
+        methods = (methods,)
+    canon = {}
+    for m in methods:
+        c = _ALIASES.get(m, m)
+        if c not in MEMORY_METHODS:
+            raise ValueError(f"unknown memory method {m!r}; expected one of "
+                             f"{', '.join(MEMORY_METHODS + tuple(_ALIASES))}")
+        canon[m] = c
+    prof = activation_profile(model, input_shape, batch_size, dtype)
+    seen = set()
+    w = g = p_max = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        b = p.numel() * p.element_size()
+        w += b
+        p_max = max(p_max, b)
+        if p.requires_grad:
+            g += b
+    w += sum(b.numel() * b.element_size() for b in model.buffers())
+    a1, a = prof["layer_peak_bytes"], prof["total_bytes"]
+    inference = w + a1
+    table = {}
+    for name, c in canon.items():
+        row = {"weights": w, "grads": 0, "optimizer_state": 0, "activations": a1, "noise": 0}
+        if c in ("inference", "zo"):
+            row["formula"] = "W + A1"
+        elif c == "mezo":
+            row["noise"] = p_max
+            row["formula"] = "W + A1 + P"
+        else:
+            k = _OPT_STATES[c]
+            row.update(grads=g, optimizer_state=k * g, activations=a)
+            row["formula"] = "W + G + A" if k == 0 else f"W + {k + 1}G + A"
+        row["total_bytes"] = (row["weights"] + row["grads"] + row["optimizer_state"]
+                              + row["activations"] + row["noise"])
+        row["vs_inference"] = row["total_bytes"] / inference
+        table[name] = row
+    return table
