@@ -1,0 +1,285 @@
+"""CPU throughput of the fused noise kernels beside the machine's own memory-bandwidth limit.
+
+Everything runs in ONE process on ONE tensor (default: 100M float32 = 400 MB), and the timed ops are
+interleaved round by round (add_, perturb_, apply_seeds_ K=1/8/16/64, 64 sequential perturb_ calls,
+MeZO-style replay, then the next round), so the drift of a shared machine hits every op alike.
+Ratios are the median over rounds of (op time / add_ time in the same round).
+
+Ops (tensor ``x`` of ``n`` elements, ``e`` bytes per element):
+
+- ``add_``: ``x.add_(1.0)``, the baseline; GB/s = 2 * e * n / t (one read + one write per element).
+- ``perturb_``: ``zo_kernels.perturb_([x], seed, alpha)``; same bytes as add_, so its share of the
+  add_ bandwidth is ``t_add / t_perturb``. Target (issue 2): >= 0.9.
+- ``apply_seeds_`` with K seeds: one pass applying K directions; ``ratio_to_add = t / t_add``.
+  Target for K = 64: <= 8. Also reported: ns per element per seed = t / (n * K) * 1e9.
+- ``perturb_ x64``: 64 sequential perturb_ calls (what the fused op replaces; >= 64x add_).
+- ``mezo_replay``: MeZO-style replay of ONE seed with torch's own RNG: ``torch.manual_seed(seed)``,
+  the noise materialized as a tensor (Rademacher via ``torch.randint(0, 2) * 2 - 1``, or Gaussian via
+  ``torch.normal``), then ``add_``. One pass; replaying K seeds costs K such passes.
+
+Writes ``benchmarks/results/kernels_cpu.json`` (``--no-write`` to skip) and prints a table.
+Usage::
+
+    python benchmarks/bench_kernels_cpu.py                  # full: n = 100M, ~1 min on 2 cores
+    python benchmarks/bench_kernels_cpu.py --quick          # n = 10M, 3 rounds
+    python benchmarks/bench_kernels_cpu.py --backend reference --n 200000 --no-write   # no C++ build
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import median_time, write_rows  # noqa: E402
+
+import torch  # noqa: E402
+
+RESULTS_NAME = "kernels_cpu"
+#: issue 2 targets: perturb_ reaches >= 0.9 of add_'s bandwidth; apply_seeds_ K=64 <= 8 add_ times.
+PERTURB_MIN_BW_FRACTION = 0.9
+APPLY64_MAX_RATIO = 8.0
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Fixed seeds spanning the whole 64-bit range (incl. >= 2**63), so the benchmark is reproducible.
+SEED_BASE = 0x9E3779B97F4A7C15
+
+
+def seeds_and_coeffs(k: int, sign: int = 1) -> tuple[list[int], list[float]]:
+    """K distinct 64-bit seeds and K small coefficients whose sum is ~0 (keeps x bounded)."""
+    seeds = [(SEED_BASE * (j + 1)) % (1 << 64) for j in range(k)]
+    coeffs = [sign * (1e-3 if j % 2 == 0 else -1e-3) * (1 + j / 64) for j in range(k)]
+    return seeds, coeffs
+
+
+def mezo_replay_(tensors: list[torch.Tensor], seed: int, coeff: float, dist: str) -> None:
+    """MeZO-style replay of one seed: per tensor, torch.manual_seed, materialize z, add_ (in place).
+
+    This is the cheapest faithful version (noise drawn straight into the tensor's dtype, ``mul_``/
+    ``sub_``/``add_`` in place): one noise tensor of the parameter's size exists at a time.
+    """
+    for p in tensors:
+        torch.manual_seed(seed % (1 << 63))
+        if dist == "rademacher":
+            z = torch.randint(0, 2, p.shape, dtype=p.dtype)
+            z.mul_(2).sub_(1)
+        else:
+            z = torch.normal(0.0, 1.0, p.shape, dtype=p.dtype)
+        p.add_(z, alpha=coeff)
+        del z
+
+
+def verify_backend(backend: str, dtype: torch.dtype) -> str:
+    """Bit-compare ``backend`` with the reference on a small odd-sized list (K = 1 and 8).
+
+    Returns "" if equal, else a description. Timing a wrong kernel is meaningless, so the rows
+    carry the result.
+    """
+    import zo_kernels
+    if backend == "reference":
+        return ""
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(n, generator=g).to(dtype) for n in (4097, 129, 1000)]
+    for k in (1, 8):
+        seeds, coeffs = seeds_and_coeffs(k)
+        a = [t.clone() for t in base]
+        b = [t.clone() for t in base]
+        zo_kernels.apply_seeds_(a, seeds, coeffs, decay=0.999, backend=backend)
+        zo_kernels.apply_seeds_(b, seeds, coeffs, decay=0.999, backend="reference")
+        for i, (u, v) in enumerate(zip(a, b)):
+            if not torch.equal(u.view(torch.int16 if dtype != torch.float32 else torch.int32),
+                               v.view(torch.int16 if dtype != torch.float32 else torch.int32)):
+                bad = int((u != v).sum())
+                return f"K={k}: tensor {i} differs from the reference in {bad} elements"
+    return ""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=None,
+                    help="elements in the tensor (default 100_000_000; 10_000_000 with --quick)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed rounds (default 7; 3 with --quick); one untimed warm-up round first")
+    ap.add_argument("--mezo-repeats", type=int, default=None,
+                    help="rounds that also time the slow MeZO-style replay (default min(3, repeats))")
+    ap.add_argument("--quick", action="store_true", help="n = 10M and 3 rounds unless given")
+    ap.add_argument("--backend", default="cpu", choices=["cpu", "reference"],
+                    help="zo_kernels backend to time (default cpu; 'reference' works without the "
+                         "C++ build but is hundreds of times slower: use a small --n)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--ks", default="1,8,16,64",
+                    help="comma-separated K values for apply_seeds_ (default 1,8,16,64)")
+    ap.add_argument("--sequential", type=int, default=64,
+                    help="number of sequential perturb_ calls to time (default 64; 0 skips)")
+    ap.add_argument("--no-mezo", action="store_true", help="skip the MeZO-style replay")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads(N) first (default: leave torch's setting)")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not write results")
+    args = ap.parse_args(argv)
+    if args.n is None:
+        args.n = 10_000_000 if args.quick else 100_000_000
+    if args.repeats is None:
+        args.repeats = 3 if args.quick else 7
+    if args.mezo_repeats is None:
+        args.mezo_repeats = min(3, args.repeats)
+    try:
+        args.ks = sorted({int(k) for k in args.ks.split(",") if k.strip()})
+    except ValueError:
+        ap.error(f"--ks must be comma-separated integers, got {args.ks!r}")
+    if args.n < 1:
+        ap.error(f"--n must be >= 1, got {args.n}")
+    if args.repeats < 1:
+        ap.error(f"--repeats must be >= 1, got {args.repeats}")
+    if not 0 <= args.mezo_repeats <= args.repeats:
+        ap.error(f"--mezo-repeats must be in [0, repeats={args.repeats}], got {args.mezo_repeats}")
+    if any(k < 1 for k in args.ks):
+        ap.error(f"--ks values must be >= 1, got {args.ks}")
+    if args.sequential < 0:
+        ap.error(f"--sequential must be >= 0, got {args.sequential}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be >= 1, got {args.threads}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import zo_kernels
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    info = zo_kernels.backends()[args.backend]
+    if not info["usable"] or "cpu" not in info["devices"]:
+        print(f"bench_kernels_cpu: backend {args.backend!r} is not usable on CPU tensors here: "
+              f"{info['why'] or info}. Build the extension (pip install --no-build-isolation -e .) "
+              "or pass --backend reference with a small --n.", file=sys.stderr)
+        return 2
+    dtype = DTYPES[args.dtype]
+    n = args.n
+    esize = torch.empty((), dtype=dtype).element_size()
+    bytes_moved = 2 * esize * n  # one read + one write of every element
+
+    mismatch = verify_backend(args.backend, dtype)
+    if mismatch:
+        print(f"WARNING: backend {args.backend!r} does not match the reference: {mismatch}",
+              file=sys.stderr)
+
+    x = torch.ones(n, dtype=dtype)  # allocated and touched before any timing
+    be = args.backend
+    seed1, coef1 = seeds_and_coeffs(1)
+
+    # name -> (callable, rounds to time it in, K); callables alternate signs to keep x bounded.
+    flip = {"s": 1}
+
+    def nxt() -> int:
+        flip["s"] = -flip["s"]
+        return flip["s"]
+
+    ops: dict[str, tuple] = {"add_": (lambda: x.add_(1.0 if nxt() > 0 else -1.0), args.repeats, 1)}
+    ops["perturb_"] = (lambda: zo_kernels.perturb_([x], seed1[0], nxt() * coef1[0], backend=be),
+                       args.repeats, 1)
+    for k in args.ks:
+        sk, ck = seeds_and_coeffs(k)
+        ck_neg = [-c for c in ck]
+
+        def run_apply(sk=sk, ck=ck, ck_neg=ck_neg):
+            zo_kernels.apply_seeds_([x], sk, ck if nxt() > 0 else ck_neg, backend=be)
+        ops[f"apply_seeds_ K={k}"] = (run_apply, args.repeats, k)
+    if args.sequential:
+        ss, cs = seeds_and_coeffs(args.sequential)
+
+        def run_seq():
+            s = nxt()
+            for sd, c in zip(ss, cs):
+                zo_kernels.perturb_([x], sd, s * c, backend=be)
+        ops[f"perturb_ x{args.sequential}"] = (run_seq, args.repeats, args.sequential)
+    if not args.no_mezo and args.mezo_repeats > 0:
+        for dist in ("rademacher", "gaussian"):
+            ops[f"mezo_replay {dist}"] = (
+                lambda dist=dist: mezo_replay_([x], seed1[0], nxt() * coef1[0], dist),
+                args.mezo_repeats, 1)
+
+    times: dict[str, list[float]] = {name: [] for name in ops}
+    add_in_round: list[float] = []
+    load_start = os.getloadavg()[0]  # other processes on a shared machine skew absolute GB/s
+    t_start = time.perf_counter()
+    for rnd in range(args.repeats + 1):  # round 0 is the untimed warm-up
+        for name, (fn, rounds, _k) in ops.items():
+            if rnd > rounds:
+                continue
+            t, _ = median_time(fn, repeats=1, warmup=0)
+            if rnd > 0:
+                times[name].append(t)
+        if rnd > 0:
+            add_in_round.append(times["add_"][-1])
+    if not torch.isfinite(x[:1024].float()).all():
+        print("WARNING: x is no longer finite after the benchmark", file=sys.stderr)
+    elapsed = time.perf_counter() - t_start
+    load = {"load_avg_1min_start": load_start, "load_avg_1min_end": os.getloadavg()[0]}
+
+    threads = torch.get_num_threads()
+    rows = []
+    for name, (_fn, _rounds, k) in ops.items():
+        ts = times[name]
+        med = statistics.median(ts)
+        # Pair each timing with the add_ of the same round, so slow drift cancels in the ratio.
+        ratio = statistics.median(t / a for t, a in zip(ts, add_in_round))
+        op = name.split(" ")[0]
+        fig = {"median_s": med, "times": ts, "gbps": bytes_moved / med / 1e9,
+               "ratio_to_add": ratio, "bw_fraction_of_add": 1.0 / ratio,
+               "ns_per_elem_per_seed": med / (n * k) * 1e9}
+        target = None
+        if name == "perturb_":
+            target = {"figure": "bw_fraction_of_add", "cmp": ">=", "value": PERTURB_MIN_BW_FRACTION,
+                      "text": f"GB/s >= {PERTURB_MIN_BW_FRACTION} x add_"}
+            fig["meets_target"] = fig["bw_fraction_of_add"] >= PERTURB_MIN_BW_FRACTION
+        elif name == "apply_seeds_ K=64":
+            target = {"figure": "ratio_to_add", "cmp": "<=", "value": APPLY64_MAX_RATIO,
+                      "text": f"time <= {APPLY64_MAX_RATIO:g} x add_"}
+            fig["meets_target"] = ratio <= APPLY64_MAX_RATIO
+        if op in ("perturb_", "apply_seeds_") and mismatch:
+            fig["meets_target"] = False
+        fig["target"] = target
+        if op == "add_":
+            fig.pop("ns_per_elem_per_seed")
+        cfg = {"op": op, "label": name, "n": n, "K": k, "dtype": args.dtype,
+               "backend": "torch" if op in ("add_", "mezo_replay") else be, "threads": threads,
+               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+        if op == "mezo_replay":
+            cfg["dist"] = name.split(" ")[1]
+        rows.append({"config": cfg, "figures": fig,
+                     "verified_against_reference": (None if op in ("add_", "mezo_replay")
+                                                    else not mismatch),
+                     "conditions": load,
+                     "command": "python benchmarks/bench_kernels_cpu.py " + " ".join(
+                         sys.argv[1:] if argv is None else argv)})
+
+    print(f"n = {n:,} {args.dtype} ({bytes_moved / 2 / 1e6:.0f} MB), backend {be}, {threads} threads, "
+          f"{args.repeats} rounds (MeZO {args.mezo_repeats}), {elapsed:.1f} s, 1-min load average "
+          f"{load['load_avg_1min_start']:.2f} -> {load['load_avg_1min_end']:.2f}")
+    print(f"{'op':<26}{'median ms':>11}{'GB/s':>9}{'x add_':>10}{'ns/el/seed':>12}  target")
+    for r in rows:
+        f, c = r["figures"], r["config"]
+        tgt = ""
+        if f.get("target"):
+            tgt = f"{f['target']['text']}: {'pass' if f['meets_target'] else 'FAIL'}"
+        nsps = f.get("ns_per_elem_per_seed")
+        print(f"{c['label']:<26}{f['median_s'] * 1e3:>11.2f}{f['gbps']:>9.1f}{f['ratio_to_add']:>10.2f}"
+              f"{'' if nsps is None else f'{nsps:.4f}':>12}  {tgt}")
+    if not args.no_mezo and args.mezo_repeats > 0 and 64 in args.ks:
+        m = next(r for r in rows if r["config"]["label"] == "mezo_replay rademacher")
+        a = next(r for r in rows if r["config"]["label"] == "apply_seeds_ K=64")
+        print(f"replaying 64 seeds MeZO-style = 64 passes ~ {64 * m['figures']['median_s']:.2f} s "
+              f"vs apply_seeds_ K=64 {a['figures']['median_s'] * 1e3:.1f} ms")
+    if mismatch:
+        print(f"NOTE: {be} backend failed verification ({mismatch}); targets marked FAIL")
+    if not args.no_write:
+        path = write_rows(RESULTS_NAME, rows)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""Regenerate the results tables in README files from ``benchmarks/results/*.json``.
+
+A README marks each generated region with two marker lines, each on a line of its own::
+
+    <!-- table:kernels_cpu -->
+    (everything here is replaced)
+    <!-- /table:kernels_cpu -->
+
+``NAME`` is a results file (``benchmarks/results/NAME.json``, written by ``_common.write_rows``).
+The text between the markers is replaced by ``FORMATTERS[NAME](rows)`` when a formatter is registered,
+else by :func:`generic_table` (one row per result: its config and scalar figures); everything
+outside the markers is left byte for byte. The tables are computed from the files alone (machine,
+date, commands, medians, ratios, targets, pass/fail), so running this twice changes nothing.
+
+To add a table for a new benchmark, write its rows as ``{"config": {...}, "figures": {...}}``
+(``figures.target = {"text": ..., ...}`` and ``figures.meets_target`` give the target columns), and
+either rely on the generic table or register a formatter::
+
+    FORMATTERS["optimizer_memory"] = column_table([
+        Col("method", "config.label"), Col("peak MiB", "figures.peak_mib", "{:.1f}"),
+        TARGET, RESULT])
+
+Usage::
+
+    python benchmarks/make_tables.py            # rewrite README.md and benchmarks/README.md
+    python benchmarks/make_tables.py --check    # exit 1 if any table is stale (CI)
+    python benchmarks/make_tables.py --readme /tmp/README.md --results /tmp/results
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+DEFAULT_RESULTS = BENCH_DIR / "results"
+DEFAULT_READMES = [REPO / "README.md", BENCH_DIR / "README.md"]
+
+START_RE = re.compile(r"^\s*<!--\s*table:([A-Za-z0-9_.\-]+)\s*-->\s*$")
+END_RE = re.compile(r"^\s*<!--\s*/table:([A-Za-z0-9_.\-]+)\s*-->\s*$")
+
+#: How to produce each results file, shown when it does not exist yet.
+RUN_HINTS = {
+    "kernels_cpu": "python benchmarks/bench_kernels_cpu.py",
+    "kernels_memory": "python benchmarks/mem_kernels.py",
+    "kernels_gpu": "python benchmarks/bench_kernels_gpu.py",
+}
+
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------------------------
+# cell formatting
+# --------------------------------------------------------------------------------------------
+def lookup(row: dict, path: str):
+    """``row["a"]["b"]`` for path ``"a.b"``; a missing key gives the sentinel ``_MISSING``."""
+    cur = row
+    for part in path.split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return _MISSING
+        cur = cur[part]
+    return cur
+
+
+def fmt_value(v, spec: str | Callable | None = None) -> str:
+    """One table cell: ``spec`` is a format string, a callable, or None for a sensible default."""
+    if v is _MISSING or v is None:
+        return ""
+    if callable(spec):
+        return spec(v)
+    if spec is not None:
+        try:
+            return spec.format(v)
+        except (ValueError, TypeError):
+            return str(v)
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, int):
+        return human_int(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict) and "text" in v:
+        return str(v["text"])
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def human_int(v: int) -> str:
+    """100000000 -> '100M', 4096 -> '4,096' (exact multiples of 1e6/1e9 get a suffix)."""
+    for div, suf in ((10**9, "G"), (10**6, "M")):
+        if abs(v) >= div and v % div == 0:
+            return f"{v // div}{suf}"
+    return f"{v:,}"
+
+
+def pass_fail(v) -> str:
+    """meets_target as a cell: 'pass', '**FAIL**', or '' when the row has no target."""
+    if v is _MISSING or v is None:
+        return ""
+    return "pass" if v else "**FAIL**"
+
+
+def ms(v) -> str:
+    """Seconds shown as milliseconds with 3-4 significant digits."""
+    x = v * 1e3
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
+def us(v) -> str:
+    """Seconds shown as microseconds."""
+    x = v * 1e6
+    return f"{x:.3g}" if x < 100 else f"{x:.0f}"
+
+
+@dataclass
+class Col:
+    """A table column: header, dotted path into a row, and a cell format (see :func:`fmt_value`)."""
+    header: str
+    path: str
+    fmt: str | Callable | None = None
+
+
+TARGET = Col("target", "figures.target", lambda t: t.get("text", "") if isinstance(t, dict) else str(t))
+RESULT = Col("result", "figures.meets_target", pass_fail)
+
+
+def markdown_table(headers: list[str], cells: list[list[str]]) -> str:
+    """A GitHub markdown table; numeric-looking columns are right-aligned."""
+    def numeric(col: int) -> bool:
+        vals = [r[col] for r in cells if r[col]]
+        return bool(vals) and all(re.fullmatch(r"[-+]?[\d,.]+(e[-+]?\d+)?[kMG]?", v) for v in vals)
+    align = ["---:" if numeric(i) else "---" for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in cells]
+    return "\n".join(lines)
+
+
+def provenance(rows: list[dict]) -> str:
+    """One line naming the machine(s), versions, date(s) and command(s) behind ``rows``."""
+    machines, dates, commands = [], [], []
+    for r in rows:
+        m = r.get("machine") or {}
+        parts = [m.get("cpu") or "unknown CPU"]
+        if m.get("cpu_count"):
+            parts[0] += f" ({m['cpu_count']} cores"
+            parts[0] += f", {m['torch_threads']} torch threads)" if m.get("torch_threads") else ")"
+        if m.get("cuda_device"):
+            parts.append(f"GPU {m['cuda_device']}")
+        if m.get("cpu_isa"):
+            parts.append(f"kernel ISA {m['cpu_isa']}")
+        vers = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "zo_kernels") if m.get(k))
+        if vers:
+            parts.append(vers)
+        desc = "; ".join(parts)
+        if desc not in machines:
+            machines.append(desc)
+        d = r.get("date")
+        if d and d[:10] not in dates:
+            dates.append(d[:10])
+        c = r.get("command")
+        if c and c.strip() not in commands:
+            commands.append(c.strip())
+    out = "Machine: " + " / ".join(machines) if machines else "Machine: not recorded"
+    out += ". Date: " + (", ".join(dates) if dates else "not recorded") + "."
+    if commands:
+        out += " Command: " + ", ".join(f"`{c}`" for c in commands) + "."
+    return out
+
+
+def column_table(cols: list[Col], notes: Callable[[list[dict]], list[str]] | None = None,
+                 skip: Callable[[dict], bool] | None = None) -> Callable[[list[dict]], str]:
+    """A formatter: provenance line, a table with ``cols``, then optional note lines."""
+    def fmt(rows: list[dict]) -> str:
+        shown = [r for r in rows if not (skip and skip(r))]
+        cells = [[fmt_value(lookup(r, c.path), c.fmt) for c in cols] for r in shown]
+        parts = [provenance(rows), "", markdown_table([c.header for c in cols], cells)]
+        extra = notes(rows) if notes else []
+        for note in extra:  # one paragraph each
+            parts += ["", note]
+        return "\n".join(parts)
+    return fmt
+
+
+# --------------------------------------------------------------------------------------------
+# formatters, one per results name
+# --------------------------------------------------------------------------------------------
+def _find(rows: list[dict], label: str):
+    return next((r for r in rows if lookup(r, "config.label") == label), None)
+
+
+def _kernels_cpu_notes(rows: list[dict]) -> list[str]:
+    notes = []
+    add, k64 = _find(rows, "add_"), _find(rows, "apply_seeds_ K=64")
+    mezo = _find(rows, "mezo_replay rademacher")
+    seq = next((r for r in rows if str(lookup(r, "config.label")).startswith("perturb_ x")), None)
+    if add and k64:
+        line = (f"`apply_seeds_` with 64 seeds takes {k64['figures']['ratio_to_add']:.2f}x one "
+                f"`add_` ({k64['figures']['ns_per_elem_per_seed']:.4f} ns per element per seed)")
+        if seq:
+            line += (f"; {seq['config']['K']} sequential `perturb_` calls take "
+                     f"{seq['figures']['ratio_to_add']:.1f}x")
+        if mezo:
+            line += (f"; replaying 64 seeds MeZO-style (torch RNG, noise materialized) would take "
+                     f"64 passes of {mezo['figures']['ratio_to_add']:.0f}x each")
+        notes.append(line + ".")
+    notes.append("Times are medians over interleaved rounds in one process; `x add_` is the median "
+                 "of per-round ratios to an in-place `add_` on the same tensor (GB/s counts one "
+                 "read and one write per element). MeZO replay rows are one seed, one pass.")
+    loads = [lookup(r, "conditions.load_avg_1min_start") for r in rows]
+    loads = [x for x in loads if isinstance(x, (int, float))]
+    if loads:
+        notes.append(f"1-minute load average when the run started: {max(loads):.2f} (other "
+                     "processes on the machine lower absolute GB/s; ratios are less affected).")
+    if any(r.get("verified_against_reference") is False for r in rows):
+        notes.append("**Warning: the timed backend did not match the reference bit for bit in this "
+                     "run.**")
+    return notes
+
+
+def _kernels_memory_notes(rows: list[dict]) -> list[str]:
+    return ["Extra memory = peak RSS during the op minus RSS just before it, each method in a fresh "
+            "process with the tensor already allocated; `x tensor` divides by the tensor's size."]
+
+
+def _kernels_gpu_notes(rows: list[dict]) -> list[str]:
+    out = ["CUDA-event medians; `x add_` is the median per-round ratio to an in-place `add_`."]
+    out += [f"Backend `{r['config']['backend']}` skipped: {r['skipped']}" for r in rows
+            if r.get("skipped")]
+    return out
+
+
+#: results name -> formatter(rows) -> markdown. Register new benchmarks here (see module doc).
+FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
+    "kernels_cpu": column_table([
+        Col("op", "config.label"), Col("n", "config.n"), Col("dtype", "config.dtype"),
+        Col("backend", "config.backend"), Col("threads", "config.threads"),
+        Col("median ms", "figures.median_s", ms), Col("GB/s", "figures.gbps", "{:.1f}"),
+        Col("x add_", "figures.ratio_to_add", "{:.2f}"),
+        Col("ns/elem/seed", "figures.ns_per_elem_per_seed", "{:.4f}"), TARGET, RESULT],
+        notes=_kernels_cpu_notes),
+    "kernels_memory": column_table([
+        Col("method", "config.label"), Col("n", "config.n"), Col("dtype", "config.dtype"),
+        Col("extra MiB", "figures.extra_mib", "{:.1f}"),
+        Col("x tensor", "figures.ratio_to_tensor", "{:.3f}"),
+        Col("time s", "figures.seconds", "{:.2f}"), TARGET, RESULT],
+        notes=_kernels_memory_notes),
+    "kernels_gpu": column_table([
+        Col("op", "config.label"), Col("n", "config.n"), Col("dtype", "config.dtype"),
+        Col("median us", "figures.median_s", us), Col("GB/s", "figures.gbps", "{:.0f}"),
+        Col("x add_", "figures.ratio_to_add", "{:.2f}"),
+        Col("ns/elem/seed", "figures.ns_per_elem_per_seed", "{:.5f}"), TARGET, RESULT],
+        notes=_kernels_gpu_notes, skip=lambda r: bool(r.get("skipped"))),
+}
+
+#: Row keys that are bookkeeping, not figures, in the generic table.
+_META_KEYS = {"benchmark", "date", "machine", "command"}
+
+
+def generic_table(rows: list[dict]) -> str:
+    """Fallback formatter: config columns, then every scalar figure (lists and dicts left out).
+
+    Rows shaped ``{"config": {...}, "figures": {...}}`` give ``config.*`` then ``figures.*``
+    columns; flat rows give one column per scalar top-level key. Columns appear in first-seen order.
+    """
+    paths: list[str] = []
+
+    def add(path):
+        if path not in paths:
+            paths.append(path)
+    for r in rows:
+        for sect in ("config", "figures"):
+            for k, v in (r.get(sect) or {}).items():
+                if k == "target" and isinstance(v, dict):
+                    add(f"{sect}.target")
+                elif not isinstance(v, (list, dict)):
+                    add(f"{sect}.{k}")
+        for k, v in r.items():
+            if k not in _META_KEYS and k not in ("config", "figures") and not isinstance(v, (list, dict)):
+                add(k)
+    # target and pass/fail go last, as in the registered tables
+    for p in ("figures.target", "figures.meets_target"):
+        if p in paths:
+            paths.remove(p)
+            paths.append(p)
+    cols = []
+    for p in paths:
+        if p == "figures.target":
+            cols.append(TARGET)
+        elif p == "figures.meets_target":
+            cols.append(RESULT)
+        else:
+            cols.append(Col(p.split(".", 1)[-1], p))
+    return column_table(cols)(rows)
+
+
+def render(name: str, results_dir: Path) -> str:
+    """The markdown for results ``name``: its formatter's table, or a placeholder if no file."""
+    path = results_dir / f"{name}.json"
+    if not path.exists():
+        hint = RUN_HINTS.get(name)
+        return (f"_No results yet: `{path.name}` is missing"
+                + (f"; run `{hint}`._" if hint else "._"))
+    rows = json.loads(path.read_text())
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+    if not rows:
+        return f"_`{path.name}` holds no rows._"
+    return FORMATTERS.get(name, generic_table)(rows)
+
+
+def rewrite(text: str, results_dir: Path, where: str = "README") -> tuple[str, list[str]]:
+    """``text`` with every marked region regenerated; also the names of the regions found.
+
+    Raises ValueError for a start marker without its end marker, a stray end marker, or a nested
+    start marker, naming the line.
+    """
+    lines = text.splitlines(keepends=True)
+    out: list[str] = []
+    names: list[str] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        m_end = END_RE.match(line)
+        if m_end:
+            raise ValueError(f"{where}:{i + 1}: end marker for {m_end.group(1)!r} without a start")
+        m = START_RE.match(line)
+        if not m:
+            out.append(line)
+            i += 1
+            continue
+        name = m.group(1)
+        j = i + 1
+        while j < len(lines):
+            if START_RE.match(lines[j]):
+                raise ValueError(f"{where}:{j + 1}: table marker inside the region of {name!r} "
+                                 f"(opened on line {i + 1})")
+            m2 = END_RE.match(lines[j])
+            if m2:
+                if m2.group(1) != name:
+                    raise ValueError(f"{where}:{j + 1}: end marker {m2.group(1)!r} closes "
+                                     f"{name!r} (opened on line {i + 1})")
+                break
+            j += 1
+        else:
+            raise ValueError(f"{where}:{i + 1}: table {name!r} has no end marker "
+                             f"'<!-- /table:{name} -->'")
+        nl = "\r\n" if line.endswith("\r\n") else "\n"
+        body = render(name, results_dir).replace("\n", nl)
+        # The start line has a line ending (a line follows it); the end line is kept as it is.
+        out += [line, nl, body + nl, nl, lines[j]]
+        names.append(name)
+        i = j + 1
+    return "".join(out), names
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--readme", action="append", type=Path, default=None,
+                    help="file to update (repeatable; default: README.md and benchmarks/README.md, "
+                         "those that exist)")
+    ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
+                    help=f"folder of results JSON (default {DEFAULT_RESULTS})")
+    ap.add_argument("--check", action="store_true",
+                    help="change nothing; exit 1 if any table differs from what the results give")
+    ap.add_argument("--print", dest="print_name", metavar="NAME",
+                    help="print the table for results NAME and exit")
+    args = ap.parse_args(argv)
+
+    if args.print_name:
+        print(render(args.print_name, args.results))
+        return 0
+    readmes = args.readme or [p for p in DEFAULT_READMES if p.exists()]
+    if args.readme:
+        missing = [str(p) for p in args.readme if not p.exists()]
+        if missing:
+            print(f"make_tables: no such file: {', '.join(missing)}", file=sys.stderr)
+            return 2
+    if not args.results.is_dir():
+        print(f"make_tables: note: results folder {args.results} does not exist; every table will "
+              "say so", file=sys.stderr)
+    stale, seen = [], set()
+    for path in readmes:
+        old = path.read_bytes().decode("utf-8")  # bytes: keep CRLF/LF exactly as they are
+        try:
+            new, names = rewrite(old, args.results, str(path))
+        except (ValueError, json.JSONDecodeError) as exc:
+            print(f"make_tables: {exc}", file=sys.stderr)
+            return 2
+        seen.update(names)
+        if new == old:
+            print(f"{path}: {len(names)} table(s) up to date")
+            continue
+        if args.check:
+            stale.append(str(path))
+            diff = difflib.unified_diff(old.splitlines(), new.splitlines(), str(path),
+                                        f"{path} (regenerated)", lineterm="", n=1)
+            print("\n".join(list(diff)[:60]))
+        else:
+            path.write_bytes(new.encode("utf-8"))
+            print(f"{path}: rewrote {len(names)} table(s): {', '.join(names)}")
+    unused = sorted(p.stem for p in args.results.glob("*.json")) if args.results.is_dir() else []
+    unused = [u for u in unused if u not in seen]
+    if unused:
+        print(f"results without a marked table in {', '.join(map(str, readmes)) or 'any README'}: "
+              f"{', '.join(unused)} (add <!-- table:NAME --> ... <!-- /table:NAME --> to show them)")
+    if stale:
+        print(f"make_tables --check: stale tables in {', '.join(stale)}; run "
+              "`python benchmarks/make_tables.py`", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
