@@ -1,0 +1,119 @@
+"""Command line: ``zowarmup run``, ``zowarmup compare``, ``zowarmup config``.
+
+::
+
+    zowarmup run [--config FILE] [key=value ...] [--out DIR] [--no-progress] [--quiet]
+    zowarmup run --resume DIR          # an experiment folder or a single run folder
+    zowarmup compare RUN_DIRS...       # mean(std) table over seeds (run or experiment folders)
+    zowarmup config [--config FILE] [key=value ...]   # print the resolved, validated config
+
+``zowarmup`` with no sub-command means ``run``; ``python -m zowarmup`` is the same program. With no
+arguments it trains the offline default (scikit-learn digits, 50 clients, Dirichlet alpha 0.1,
+10/90 high/low-resource, warm-up then seed-only ZO) beside High Res Only, then prints and saves the
+comparison. Exit status: 0 on success, 2 on a bad config or command line, 1 on other errors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+_COMMANDS = ("run", "compare", "config")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zowarmup",
+        description="ZOWarmUp federated training: warm-up on high-resource clients, then "
+                    "seed-only zeroth-order rounds for every client.")
+    sub = p.add_subparsers(dest="command", metavar="{run,compare,config}")
+
+    r = sub.add_parser("run", help="train a method beside its baselines and compare (default)",
+                       description="Train cfg.method and cfg.baselines over cfg.num_seeds seeds, "
+                                   "write one folder per run, print the comparison table. "
+                                   "Overrides are key=value with dotted section keys, e.g. "
+                                   "rounds=60 zo.num_seeds=10 data.alpha=0.5 baselines=[].")
+    r.add_argument("--config", "-c", metavar="FILE", help="TOML or JSON config (see configs/)")
+    r.add_argument("--out", "-o", metavar="DIR", default="runs",
+                   help="parent folder for the experiment folder (default: runs)")
+    r.add_argument("--resume", metavar="DIR",
+                   help="continue an interrupted experiment or run folder (no config changes)")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--quiet", "-q", action="store_true", help="no progress bar, no table")
+    r.add_argument("overrides", nargs="*", metavar="key=value")
+
+    c = sub.add_parser("compare", help="mean(std) table over seeds from run folders",
+                       description="Read run folders and/or experiment folders and print final "
+                                   "test accuracy as mean(std) over seeds per method and setting.")
+    c.add_argument("dirs", nargs="+", metavar="RUN_DIR")
+    c.add_argument("--json", action="store_true", help="print the table as JSON")
+
+    g = sub.add_parser("config", help="print the resolved, validated config as JSON")
+    g.add_argument("--config", "-c", metavar="FILE")
+    g.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def _error(msg: str, code: int) -> int:
+    print(f"zowarmup: error: {msg}", file=sys.stderr)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``zowarmup`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0] not in _COMMANDS and argv[0] not in ("-h", "--help")):
+        argv = ["run"] + argv
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for h in logging.getLogger().handlers:  # INFO events go to each run's run.log only
+        h.setLevel(logging.WARNING)
+
+    from .federated.config import ConfigError, load_config
+
+    try:
+        if args.command == "config":
+            cfg = load_config(args.config, args.overrides)
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        if args.command == "compare":
+            from .federated.experiment import compare, format_table
+            table = compare(args.dirs)
+            print(json.dumps(table, indent=2) if args.json else format_table(table), end="")
+            return 0
+        # run
+        progress = False if (args.no_progress or args.quiet) else None
+        echo = None if args.quiet else print
+        if args.resume:
+            if args.config or args.overrides:
+                return _error("--resume continues a folder with its saved config; do not pass "
+                              "--config or key=value with it", 2)
+            d = Path(args.resume)
+            from .federated.experiment import EXPERIMENT, resume_experiment
+            if (d / EXPERIMENT).exists():
+                resume_experiment(d, progress=progress, echo=echo)
+            else:
+                from .federated.loop import resume_run
+                s = resume_run(d, progress=progress)
+                if echo:
+                    echo(f"{s['label']} seed {s['seed']}: final accuracy "
+                         f"{100 * s['final_accuracy']:.1f}% -> {d}")
+            return 0
+        cfg = load_config(args.config, args.overrides)
+        from .federated.experiment import run_experiment
+        run_experiment(cfg, out=args.out, progress=progress, echo=echo)
+        return 0
+    except ConfigError as e:
+        return _error(str(e), 2)
+    except FileNotFoundError as e:
+        return _error(str(e), 2)
+    except ValueError as e:  # e.g. a malformed data file, a folder holding another run
+        return _error(str(e), 1)
+    except KeyboardInterrupt:
+        return _error("interrupted; continue with: zowarmup run --resume <folder>", 130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,385 @@
+"""Server-side logic of the federated protocol: tasks out, replies in, global model updated.
+
+:class:`Server` holds the global model, the server optimizer state (FedAdam moments), the seed log
+and, for the accounting, which model version every client holds. Its methods take and return
+message objects and never loop over rounds: the embedded runner (:mod:`.loop`) and a deployment
+wrapper drive them.
+
+Updates, with ``w_i = n_i / sum_{kept j} n_j`` over the clients whose replies were kept:
+
+- Phase 1 (FedAvg): ``x <- x + server_lr * sum_i w_i (x_i - x)`` for parameters; buffers
+  (BatchNorm statistics) become ``sum_i w_i b_i``. FedAdam (Reddi et al. 2021, no bias
+  correction): ``d = sum_i w_i (x_i - x)``, ``m <- b1 m + (1-b1) d``, ``v <- b2 v + (1-b2) d^2``,
+  ``x <- x + server_lr * m / (sqrt(v) + tau)``.
+- Phase 2 ZO: client i's local step k, seed s, projected gradient g gives the entry
+  ``(seed, -server_lr * lr * c * g * w_i / S)``; with ``seed_sharing = "shared"`` entries of one
+  seed are summed over clients (float64, client order). The list is broadcast and applied with
+  ``apply_seeds_`` by server and clients alike. With FedAdam as the phase-2 server optimizer the same
+  list (without server_lr) is expanded into a dense pseudo-gradient and Adam is applied: not
+  replayable from seeds, so clients then download weights.
+- FedKSeed: entry per pool index k: ``(pool[k], -server_lr * lr * c * sum_i w_i acc_i[k])``.
+
+Dropping: a reply with any NaN/inf value, or of the wrong length, is dropped from the round and
+reported back (the caller logs and counts it). A round where every reply is dropped leaves the
+model unchanged.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+import zo_kernels
+
+from ..seeds import derive_seed
+from .client import apply_broadcast
+from .config import RunConfig
+from .messages import (BroadcastMessage, GradsMessage, KSeedTask, KSeedUpdate, SeedsMessage,
+                       WeightsMessage)
+from .state import StateLayout
+
+log = logging.getLogger("zowarmup.federated")
+
+TAG_ZO_SEEDS = 0x2E0
+TAG_POOL = 0x9001
+#: Sentinel "holds no usable model version" in :attr:`Server.held`.
+NO_MODEL = -1
+
+
+@dataclass
+class AggregateResult:
+    """What a server aggregation did.
+
+    Attributes:
+        kept: client ids whose replies were used, ascending.
+        dropped: client ids dropped (non-finite or malformed replies), ascending.
+        broadcast: the (seed, coeff) list everyone applies, or None when the update is dense.
+    """
+    kept: list = field(default_factory=list)
+    dropped: list = field(default_factory=list)
+    broadcast: BroadcastMessage | None = None
+
+
+class ServerAdam:
+    """FedAdam's server state: first and second moments per parameter (float32, on the device)."""
+
+    def __init__(self, params: list[torch.Tensor], beta1: float, beta2: float, tau: float):
+        self.beta1, self.beta2, self.tau = float(beta1), float(beta2), float(tau)
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def step(self, params: list[torch.Tensor], deltas: list[torch.Tensor], lr: float) -> None:
+        """``x += lr * m / (sqrt(v) + tau)`` after updating the moments with ``deltas``."""
+        for p, d, m, v in zip(params, deltas, self.m, self.v):
+            d = d.to(p.dtype)
+            m.mul_(self.beta1).add_(d, alpha=1 - self.beta1)
+            v.mul_(self.beta2).addcmul_(d, d, value=1 - self.beta2)
+            p.add_(lr * m / (v.sqrt() + self.tau))
+        self.steps += 1
+
+    def state_dict(self) -> dict:
+        """Moments and step count (for checkpoints)."""
+        return {"m": [t.cpu() for t in self.m], "v": [t.cpu() for t in self.v], "steps": self.steps}
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
+        for dst, src in zip(self.m + self.v, list(sd["m"]) + list(sd["v"])):
+            dst.copy_(src)
+        self.steps = int(sd["steps"])
+
+
+def _finite(a: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(a)))
+
+
+class Server:
+    """The federated server: global model, server optimizers, seed log, version bookkeeping.
+
+    Args:
+        cfg: the run's configuration (method, phases, optimizer settings).
+        model: the global model (updated in place).
+        num_clients: N.
+    """
+
+    def __init__(self, cfg: RunConfig, model: nn.Module, num_clients: int):
+        self.cfg = cfg
+        self.model = model
+        self.layout = StateLayout(model)
+        self.params = [p for p in model.parameters()]
+        self.num_clients = int(num_clients)
+        w, z = cfg.warmup, cfg.zo
+        self.adam_warmup = (ServerAdam(self.params, w.beta1, w.beta2, w.tau)
+                            if w.server_opt == "fedadam" else None)
+        self.adam_zo = (ServerAdam(self.params, z.beta1, z.beta2, z.tau)
+                        if z.server_opt == "fedadam" else None)
+        self.pool = None
+        if cfg.method in ("fedkseed", "zowarmup_fedkseed"):
+            self.pool = np.asarray([derive_seed(cfg.seed, TAG_POOL, k)
+                                    for k in range(cfg.fedkseed.pool_size)], dtype=np.uint64)
+        #: held[i]: the global model version (= rounds applied) client i holds; version 0, the
+        #: initial model, is built by every client from the run seed; NO_MODEL after local training.
+        self.held = np.zeros(self.num_clients, dtype=np.int64)
+        #: seed log: round -> BroadcastMessage, or None for a round whose update was dense.
+        self.log: dict[int, BroadcastMessage | None] = {}
+
+    # -- helpers ---------------------------------------------------------------------------------
+    @property
+    def dist(self) -> str:
+        """Noise distribution of the ZO phase (``zo.dist``)."""
+        return self.cfg.zo.dist
+
+    @property
+    def backend(self):
+        """``zo_kernels`` backend (None = pick per device)."""
+        return None if self.cfg.zo.backend == "auto" else self.cfg.zo.backend
+
+    def weights_message(self, round_idx: int) -> WeightsMessage:
+        """The current global state as a WeightsMessage (server -> client)."""
+        return WeightsMessage(round_idx, self.layout.flatten(self.model), 0)
+
+    @staticmethod
+    def _weights(replies: dict, kept: list) -> dict:
+        total = float(sum(replies[c].num_samples for c in kept))
+        if total <= 0:
+            return {c: 1.0 / len(kept) for c in kept}
+        return {c: replies[c].num_samples / total for c in kept}
+
+    # -- phase 1 ---------------------------------------------------------------------------------
+    def aggregate_weights(self, round_idx: int, replies: dict[int, WeightsMessage],
+                          apply: bool = True) -> tuple[AggregateResult, list | None, np.ndarray | None]:
+        """Validate phase-1 replies; return (result, parameter deltas, averaged buffers).
+
+        The deltas are ``sum_i w_i (x_i - x)`` per parameter (float64 accumulation, client order);
+        with ``apply`` the server optimizer applies them and the buffers are replaced.
+        """
+        res = AggregateResult()
+        for c in sorted(replies):
+            r = replies[c]
+            ok = (r.values.shape == (self.layout.size,) and _finite(r.values)
+                  and r.round == round_idx)
+            (res.kept if ok else res.dropped).append(c)
+        if not res.kept:
+            return res, None, None
+        w = self._weights(replies, res.kept)
+        x = self.layout.flatten(self.model).astype(np.float64)
+        avg = np.zeros(self.layout.size, dtype=np.float64)
+        for c in res.kept:
+            avg += w[c] * replies[c].values.astype(np.float64)
+        delta = avg - x
+        deltas = [torch.from_numpy(delta[s].astype(np.float32)).reshape(p.shape).to(p.device)
+                  for s, p in zip(self.layout.param_slices(), self.params)]
+        bufs = avg
+        if apply:
+            self._apply_dense(deltas, bufs, phase="warmup")
+        return res, deltas, bufs
+
+    @torch.no_grad()
+    def _apply_dense(self, deltas: list, avg_flat: np.ndarray | None, phase: str) -> None:
+        opt = self.cfg.warmup if phase == "warmup" else self.cfg.zo
+        adam = self.adam_warmup if phase == "warmup" else self.adam_zo
+        if adam is not None:
+            adam.step(self.params, deltas, opt.server_lr)
+        else:
+            for p, d in zip(self.params, deltas):
+                p.add_(d.to(p.dtype), alpha=opt.server_lr)
+        if avg_flat is not None:
+            sd = self.model.state_dict()
+            for e in self.layout.entries:
+                if e.is_param:
+                    continue
+                t = sd[e.name]
+                src = torch.from_numpy(avg_flat[e.offset:e.offset + e.numel].astype(np.float32))
+                src = src.reshape(e.shape)
+                if not e.dtype.is_floating_point:
+                    src = torch.round(src)
+                t.copy_(src.to(t.device, t.dtype))
+
+    # -- phase 2: ZO -----------------------------------------------------------------------------
+    def zo_seeds(self, round_idx: int, cid: int) -> SeedsMessage:
+        """The seeds client ``cid`` probes in ZO round ``round_idx`` (steps * S of them).
+
+        ``derive_seed(run_seed, TAG, round, client, j)``, with client = N for every client when
+        ``zo.seed_sharing == "shared"``.
+        """
+        z = self.cfg.zo
+        who = self.num_clients if z.seed_sharing == "shared" else int(cid)
+        n = z.num_seeds * z.local_steps
+        return SeedsMessage(round_idx, [derive_seed(self.cfg.seed, TAG_ZO_SEEDS, round_idx, who, j)
+                                        for j in range(n)], z.local_steps)
+
+    def zo_entries(self, round_idx: int, tasks: dict[int, SeedsMessage],
+                   replies: dict[int, GradsMessage], lr_scale: float
+                   ) -> tuple[AggregateResult, np.ndarray, np.ndarray]:
+        """Validate ZO replies and build the (seed, coeff) list, coefficients times ``lr_scale``.
+
+        Returns (result, seeds uint64 (K,), coeffs float32 (K,)); the weights ``w_i`` are over
+        ``weight_total`` (see :meth:`aggregate_zo`).
+        """
+        res = AggregateResult()
+        for c in sorted(replies):
+            r = replies[c]
+            ok = (c in tasks and r.values.shape == tasks[c].seeds.shape and _finite(r.values)
+                  and r.round == round_idx)
+            (res.kept if ok else res.dropped).append(c)
+        if not res.kept:
+            return res, np.zeros(0, np.uint64), np.zeros(0, np.float32)
+        return res, *self._zo_coeffs(tasks, replies, res.kept, self._weights(replies, res.kept),
+                                     lr_scale)
+
+    def _zo_coeffs(self, tasks, replies, kept, w, lr_scale):
+        z = self.cfg.zo
+        S = z.num_seeds
+        base = -lr_scale * z.lr * z.scale / S
+        if z.seed_sharing == "shared":
+            seeds = tasks[kept[0]].seeds
+            acc = np.zeros(seeds.size, dtype=np.float64)
+            for c in kept:
+                acc += (base * w[c]) * replies[c].values.astype(np.float64)
+            return seeds.copy(), acc.astype(np.float32)
+        seeds, coeffs = [], []
+        for c in kept:
+            seeds.append(tasks[c].seeds)
+            coeffs.append((base * w[c]) * replies[c].values.astype(np.float64))
+        return np.concatenate(seeds), np.concatenate(coeffs).astype(np.float32)
+
+    def aggregate_zo(self, round_idx: int, tasks: dict[int, SeedsMessage],
+                     replies: dict[int, GradsMessage]) -> AggregateResult:
+        """Aggregate a ZO round and update the global model.
+
+        FedAvg-style (``zo.server_opt = "fedavg"``): the broadcast list is applied to the server's
+        parameters with ``apply_seeds_`` and returned in ``result.broadcast``. FedAdam: dense
+        pseudo-gradient from the list, Adam step, ``result.broadcast = None`` (weights downlink).
+        """
+        z = self.cfg.zo
+        if self.adam_zo is None:
+            res, seeds, coeffs = self.zo_entries(round_idx, tasks, replies, z.server_lr)
+            res.broadcast = BroadcastMessage(round_idx, seeds, coeffs)
+            apply_broadcast(self.model, res.broadcast, self.dist, self.backend)
+            self.log[round_idx] = res.broadcast
+        else:
+            res, seeds, coeffs = self.zo_entries(round_idx, tasks, replies, 1.0)
+            if res.kept:
+                self._apply_dense(self.dense_from_seeds(seeds, coeffs), None, phase="zo")
+            self.log[round_idx] = None
+        return res
+
+    @torch.no_grad()
+    def dense_from_seeds(self, seeds: np.ndarray, coeffs: np.ndarray) -> list[torch.Tensor]:
+        """``sum_k coeffs_k z(seeds_k)`` materialized per parameter (fp32, same layout)."""
+        out = [torch.zeros_like(p) for p in self.params]
+        if seeds.size:
+            zo_kernels.apply_seeds_(out, torch.from_numpy(seeds.view(np.int64).copy()),
+                                    torch.from_numpy(coeffs.astype(np.float32)), 1.0, self.dist,
+                                    self.backend)
+        return out
+
+    # -- phase 2: FedKSeed -----------------------------------------------------------------------
+    def kseed_task(self, round_idx: int) -> KSeedTask:
+        """The FedKSeed task message (local steps; the pool is fixed at setup)."""
+        return KSeedTask(round_idx, self.cfg.fedkseed.local_steps)
+
+    def aggregate_kseed(self, round_idx: int, replies: dict[int, KSeedUpdate]) -> AggregateResult:
+        """Sum the clients' per-seed scalars (weighted) and apply them as one broadcast."""
+        if self.pool is None:
+            raise RuntimeError("aggregate_kseed: this server has no seed pool (method is not FedKSeed)")
+        k = self.cfg.fedkseed
+        K = len(self.pool)
+        res = AggregateResult()
+        for c in sorted(replies):
+            r = replies[c]
+            ok = (_finite(r.values) and r.round == round_idx
+                  and (r.indices.size == 0 or int(r.indices.max()) < K)
+                  and len(np.unique(r.indices)) == r.indices.size)
+            (res.kept if ok else res.dropped).append(c)
+        acc = np.zeros(K, dtype=np.float64)
+        used = np.zeros(K, dtype=bool)
+        if res.kept:
+            w = self._weights(replies, res.kept)
+            for c in res.kept:
+                r = replies[c]
+                idx = r.indices.astype(np.int64)
+                acc[idx] += w[c] * r.values.astype(np.float64)
+                used[idx] = True
+        idx = np.flatnonzero(used)
+        coeffs = (-self.cfg.zo.server_lr * k.lr * k.scale * acc[idx]).astype(np.float32)
+        res.broadcast = BroadcastMessage(round_idx, self.pool[idx], coeffs)
+        apply_broadcast(self.model, res.broadcast, self.dist, self.backend)
+        self.log[round_idx] = res.broadcast
+        return res
+
+    # -- phase 2: hi keep FedAvg, lo run ZO ------------------------------------------------------
+    def aggregate_hilo(self, round_idx: int, weight_replies: dict[int, WeightsMessage],
+                       tasks: dict[int, SeedsMessage], grad_replies: dict[int, GradsMessage]
+                       ) -> AggregateResult:
+        """High-resource clients' FedAvg deltas and low-resource clients' ZO steps in one update.
+
+        Weights ``w_i = n_i / sum n`` over all kept participants of both kinds; the dense part
+        (``sum_hi w_i (x_i - x)``) and the seed part (``sum_lo`` of the ZO entries) are added and
+        applied with the phase-2 server optimizer. Dense, so not replayable from seeds.
+        """
+        wres = AggregateResult()
+        for c in sorted(weight_replies):
+            r = weight_replies[c]
+            ok = r.values.shape == (self.layout.size,) and _finite(r.values) and r.round == round_idx
+            (wres.kept if ok else wres.dropped).append(c)
+        zres = AggregateResult()
+        for c in sorted(grad_replies):
+            r = grad_replies[c]
+            ok = (c in tasks and r.values.shape == tasks[c].seeds.shape and _finite(r.values)
+                  and r.round == round_idx)
+            (zres.kept if ok else zres.dropped).append(c)
+        allr = {**{c: weight_replies[c] for c in wres.kept}, **{c: grad_replies[c] for c in zres.kept}}
+        res = AggregateResult(kept=sorted(allr), dropped=sorted(wres.dropped + zres.dropped))
+        self.log[round_idx] = None
+        if not allr:
+            return res
+        w = self._weights(allr, res.kept)
+        x = self.layout.flatten(self.model).astype(np.float64)
+        deltas = [torch.zeros_like(p) for p in self.params]
+        avg_buf = None
+        if wres.kept:
+            wsum = sum(w[c] for c in wres.kept)
+            avg = np.zeros(self.layout.size, dtype=np.float64)
+            for c in wres.kept:
+                avg += w[c] * weight_replies[c].values.astype(np.float64)
+            d = avg - wsum * x
+            deltas = [torch.from_numpy(d[s].astype(np.float32)).reshape(p.shape).to(p.device)
+                      for s, p in zip(self.layout.param_slices(), self.params)]
+            # buffers: hi clients' weighted statistics renormalized among the hi clients
+            avg_buf = avg / wsum
+        if zres.kept:
+            seeds, coeffs = self._zo_coeffs(tasks, grad_replies, zres.kept, w, 1.0)
+            for d, dz in zip(deltas, self.dense_from_seeds(seeds, coeffs)):
+                d.add_(dz)
+        self._apply_dense(deltas, avg_buf, phase="zo")
+        return res
+
+    # -- accounting helpers ----------------------------------------------------------------------
+    def replayable(self, start: int, stop: int) -> bool:
+        """Whether rounds [start, stop) all have (seed, coeff) log entries."""
+        return all(self.log.get(t) is not None for t in range(start, stop))
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything but the model weights: optimizer moments, versions held, seed log."""
+        return {
+            "adam_warmup": self.adam_warmup.state_dict() if self.adam_warmup else None,
+            "adam_zo": self.adam_zo.state_dict() if self.adam_zo else None,
+            "held": self.held.copy(),
+            "log": {int(r): (None if m is None else m.to_bytes()) for r, m in self.log.items()},
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
+        if self.adam_warmup is not None:
+            self.adam_warmup.load_state_dict(sd["adam_warmup"])
+        if self.adam_zo is not None:
+            self.adam_zo.load_state_dict(sd["adam_zo"])
+        self.held = np.asarray(sd["held"], dtype=np.int64).copy()
+        self.log = {int(r): (None if b is None else BroadcastMessage.from_bytes(b))
+                    for r, b in sd["log"].items()}

@@ -1,0 +1,100 @@
+"""Model state as one flat float32 vector (what a WeightsMessage carries) and back.
+
+The flat layout is the model's ``state_dict()`` order: every parameter and buffer flattened
+(row-major) and concatenated. Integer buffers (BatchNorm's ``num_batches_tracked``) travel as float32
+(exact below 2**24) and are rounded back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    shape: tuple
+    numel: int
+    offset: int
+    is_param: bool
+    dtype: torch.dtype
+
+
+class StateLayout:
+    """Where each state tensor of a model lives in the flat vector.
+
+    Attributes:
+        entries: one record per ``state_dict`` entry (name, shape, numel, offset, is_param, dtype).
+        size: total number of elements n (the WeightsMessage's float32 count).
+        param_names: parameter names in ``model.parameters()`` order.
+    """
+
+    def __init__(self, model: nn.Module):
+        sd = model.state_dict(keep_vars=True)
+        params = dict(model.named_parameters())
+        self.param_names = [n for n, _ in model.named_parameters()]
+        entries, off = [], 0
+        for name, t in sd.items():
+            entries.append(_Entry(name, tuple(t.shape), t.numel(), off, name in params, t.dtype))
+            off += t.numel()
+        self.entries = entries
+        self.size = off
+        self._by_name = {e.name: e for e in entries}
+
+    def flatten(self, model: nn.Module) -> np.ndarray:
+        """The model's state as a float32 numpy array of shape (n,) (a copy)."""
+        sd = model.state_dict()
+        out = np.empty(self.size, dtype=np.float32)
+        for e in self.entries:
+            t = sd[e.name]
+            if tuple(t.shape) != e.shape:
+                raise ValueError(f"state entry {e.name} has shape {tuple(t.shape)}, layout says {e.shape}")
+            out[e.offset:e.offset + e.numel] = t.detach().reshape(-1).to("cpu", torch.float32).numpy()
+        return out
+
+    def load(self, model: nn.Module, flat: np.ndarray) -> None:
+        """Copy a flat float32 vector of shape (n,) into the model's tensors (in place)."""
+        flat = np.asarray(flat)
+        if flat.shape != (self.size,):
+            raise ValueError(f"flat state has shape {flat.shape}; this model needs ({self.size},)")
+        sd = model.state_dict()
+        with torch.no_grad():
+            for e in self.entries:
+                t = sd[e.name]
+                src = torch.from_numpy(np.ascontiguousarray(flat[e.offset:e.offset + e.numel]))
+                src = src.reshape(e.shape)
+                if not e.dtype.is_floating_point:
+                    src = torch.round(src)
+                t.copy_(src.to(t.device, t.dtype))
+
+    def param_slices(self) -> list[slice]:
+        """For each parameter in ``model.parameters()`` order, its slice of the flat vector."""
+        return [slice(self._by_name[n].offset, self._by_name[n].offset + self._by_name[n].numel)
+                for n in self.param_names]
+
+    def buffer_slices(self) -> list[slice]:
+        """Slices of every non-parameter entry (BatchNorm running statistics and counters)."""
+        return [slice(e.offset, e.offset + e.numel) for e in self.entries if not e.is_param]
+
+
+def copy_state_(dst: nn.Module, src: nn.Module) -> None:
+    """Make ``dst`` hold exactly ``src``'s parameters and buffers (bitwise copy, same structure)."""
+    with torch.no_grad():
+        for (n1, a), (n2, b) in zip(dst.state_dict().items(), src.state_dict().items()):
+            if n1 != n2 or a.shape != b.shape:
+                raise ValueError(f"copy_state_: models differ at {n1!r} / {n2!r}")
+            a.copy_(b)
+
+
+def states_equal(a: nn.Module, b: nn.Module) -> bool:
+    """True when every state tensor of ``a`` equals ``b``'s bit for bit."""
+    for (n1, x), (n2, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        if n1 != n2 or x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if not torch.equal(x.view(-1).view(torch.uint8) if x.is_floating_point() else x,
+                           y.view(-1).view(torch.uint8) if y.is_floating_point() else y):
+            return False
+    return True
