@@ -234,6 +234,27 @@ def _kernels_gpu_notes(rows: list[dict]) -> list[str]:
     return out
 
 
+def _optimizer_memory_notes(rows: list[dict]) -> list[str]:
+    return ["Peak RSS of each method in a fresh process (same model, same batch); `x inference` "
+            "divides by the inference forward's peak. (c) holds one materialized noise tensor of "
+            "the largest parameter, (d) gradients and activations."]
+
+
+def _optimizer_step_notes(rows: list[dict]) -> list[str]:
+    return ["Medians over interleaved repeats. `overhead` = ZOOptimizer.step time / time of the "
+            "2S plain forwards it must run, minus 1 (the cost of the 2S+1 weight passes)."]
+
+
+def _federated_notes(rows: list[dict]) -> list[str]:
+    wall = next((lookup(r, "figures.wall_s_all_runs") for r in rows), None)
+    out = ["Final test accuracy (%) as mean(std) over seeds; bytes are per participating client "
+           "per round (medians), counted from the serialized messages. The ZO downlink is the "
+           "client's seeds plus the round's (seed, coefficient) list."]
+    if isinstance(wall, (int, float)):
+        out.append(f"Wall time of the whole run (every method and seed, one process): {wall:.0f} s.")
+    return out
+
+
 #: results name -> formatter(rows) -> markdown. Register new benchmarks here (see module doc).
 FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
     "kernels_cpu": column_table([
@@ -255,6 +276,26 @@ FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
         Col("x add_", "figures.ratio_to_add", "{:.2f}"),
         Col("ns/elem/seed", "figures.ns_per_elem_per_seed", "{:.5f}"), TARGET, RESULT],
         notes=_kernels_gpu_notes, skip=lambda r: bool(r.get("skipped"))),
+    "optimizer_memory": column_table([
+        Col("model", "config.model"), Col("method", "config.label"),
+        Col("params", "config.n_params"), Col("peak MiB", "figures.peak_mib", "{:.1f}"),
+        Col("x inference", "figures.ratio_to_inference", "{:.3f}"), TARGET, RESULT],
+        notes=_optimizer_memory_notes),
+    "optimizer_step_time": column_table([
+        Col("config", "config.label"), Col("2S forwards ms", "figures.forwards_2S_s", ms),
+        Col("ZO step ms", "figures.zo_step_s", ms), Col("overhead", "figures.overhead", "{:.1%}"),
+        Col("MeZO step ms", "figures.mezo_step_s", ms),
+        Col("MeZO / ZO", "figures.mezo_over_zo", "{:.2f}"), TARGET, RESULT],
+        notes=_optimizer_step_notes),
+    "federated_default": column_table([
+        Col("method", "config.label"), Col("setting", "config.setting"),
+        Col("mean acc", "figures.mean_acc", "{:.1f}"), Col("std", "figures.std_acc", "{:.1f}"),
+        Col("seeds", "figures.n_seeds"),
+        Col("gain vs High Res Only", "figures.gain_vs_high_res_only", "{:+.1f}"),
+        Col("warm-up up/down B", "figures.warmup_up_B", "{:.0f}"),
+        Col("ZO up B", "figures.zo_up_B", "{:.0f}"), Col("ZO down B", "figures.zo_down_B", "{:.0f}"),
+        TARGET, RESULT],
+        notes=_federated_notes),
 }
 
 #: Row keys that are bookkeeping, not figures, in the generic table.
