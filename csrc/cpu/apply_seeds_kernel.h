@@ -204,26 +204,106 @@ ZO_AVX512 inline void finalize_block_avx512(void* p, int dt, int64_t eb, const _
 }
 
 // Philox4x32-10 on 16 lanes. 32x32->64 products with vpmuludq on even and odd lanes, then blends.
-ZO_AVX512 inline void philox16(__m512i c0, __m512i c1, __m512i k0, __m512i k1, __m512i out[4]) {
+// One Philox round on 16 lanes, then the key bump. 32x32->64 products with vpmuludq on even and
+// odd lanes, recombined with blends.
+struct Philox16State {
+  __m512i c0, c1, c2, c3, k0, k1;
+};
+
+ZO_AVX512 inline void philox16_round(Philox16State& s) {
   const __m512i A = _mm512_set1_epi64(zo::kRoundA), B = _mm512_set1_epi64(zo::kRoundB);
-  const __m512i KA = _mm512_set1_epi32((int)zo::kKeyA), KB = _mm512_set1_epi32((int)zo::kKeyB);
   const __mmask16 odd = 0xAAAA;
-  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-  for (int r = 0; r < zo::kRounds; ++r) {
-    const __m512i ae = _mm512_mul_epu32(c0, A), ao = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), A);
-    const __m512i be = _mm512_mul_epu32(c2, B), bo = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), B);
-    const __m512i hiA = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(ae, 32), ao);
-    const __m512i loA = _mm512_mask_blend_epi32(odd, ae, _mm512_slli_epi64(ao, 32));
-    const __m512i hiB = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(be, 32), bo);
-    const __m512i loB = _mm512_mask_blend_epi32(odd, be, _mm512_slli_epi64(bo, 32));
-    c0 = _mm512_ternarylogic_epi32(hiB, c1, k0, 0x96);  // xor of three
-    c2 = _mm512_ternarylogic_epi32(hiA, c3, k1, 0x96);
-    c1 = loB;
-    c3 = loA;
-    k0 = _mm512_add_epi32(k0, KA);
-    k1 = _mm512_add_epi32(k1, KB);
+  const __m512i ae = _mm512_mul_epu32(s.c0, A), ao = _mm512_mul_epu32(_mm512_srli_epi64(s.c0, 32), A);
+  const __m512i be = _mm512_mul_epu32(s.c2, B), bo = _mm512_mul_epu32(_mm512_srli_epi64(s.c2, 32), B);
+  const __m512i hiA = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(ae, 32), ao);
+  const __m512i loA = _mm512_mask_blend_epi32(odd, ae, _mm512_slli_epi64(ao, 32));
+  const __m512i hiB = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(be, 32), bo);
+  const __m512i loB = _mm512_mask_blend_epi32(odd, be, _mm512_slli_epi64(bo, 32));
+  s.c0 = _mm512_ternarylogic_epi32(hiB, s.c1, s.k0, 0x96);  // xor of three
+  s.c2 = _mm512_ternarylogic_epi32(hiA, s.c3, s.k1, 0x96);
+  s.c1 = loB;
+  s.c3 = loA;
+  s.k0 = _mm512_add_epi32(s.k0, _mm512_set1_epi32((int)zo::kKeyA));
+  s.k1 = _mm512_add_epi32(s.k1, _mm512_set1_epi32((int)zo::kKeyB));
+}
+
+// Philox4x32-10 of counters (c0, c1, 0, 0) under keys (k0, k1) on 16 lanes.
+ZO_AVX512 inline void philox16(__m512i c0, __m512i c1, __m512i k0, __m512i k1, __m512i out[4]) {
+  Philox16State s{c0, c1, _mm512_setzero_si512(), _mm512_setzero_si512(), k0, k1};
+  for (int r = 0; r < zo::kRounds; ++r) philox16_round(s);
+  out[0] = s.c0; out[1] = s.c1; out[2] = s.c2; out[3] = s.c3;
+}
+
+// Lanes = 16 consecutive blocks starting at b (64-bit counters split into low and high words).
+ZO_AVX512 inline void block_counters(uint64_t b, __m512i& lo, __m512i& hi) {
+  alignas(64) uint32_t l[16], h[16];
+  for (int i = 0; i < 16; ++i) {
+    l[i] = (uint32_t)((b + (uint64_t)i) & 0xffffffffu);
+    h[i] = (uint32_t)((b + (uint64_t)i) >> 32);
   }
-  out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
+  lo = _mm512_load_si512(l);
+  hi = _mm512_load_si512(h);
+}
+
+// K = 1, float32 (perturb_): memory-bound, so the Philox rounds for the next 16 blocks are spread
+// between the current 16 blocks' loads and stores (one round after each of the first 10 blocks)
+// instead of running as a burst during which no memory traffic is issued.
+ZO_AVX512 void rademacher_k1_f32_avx512(float* x, uint64_t block0, int64_t nblocks, uint64_t seed,
+                                        float c, float decay) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i sh_lo = _mm512_sub_epi32(_mm512_set1_epi32(31), iota);
+  const __m512i sh_hi = _mm512_sub_epi32(_mm512_set1_epi32(15), iota);
+  const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+  const __m512i nc = _mm512_set1_epi32((int)f2u(-c));
+  const __m512 d = _mm512_set1_ps(decay);
+  const bool zero_c = c == 0.0f;  // then acc = 0 + (±0) must be formed explicitly (signed zeros)
+  const __m512i k0 = _mm512_set1_epi32((int)zo::key_lo(seed));
+  const __m512i k1 = _mm512_set1_epi32((int)zo::key_hi(seed));
+  alignas(64) uint32_t cur[4][16];
+  {
+    __m512i lo, hi, out[4];
+    block_counters(block0, lo, hi);
+    philox16(lo, hi, k0, k1, out);
+    for (int q = 0; q < 4; ++q) _mm512_store_si512(cur[q], out[q]);
+  }
+  for (int64_t g0 = 0; g0 < nblocks; g0 += kGroup) {
+    const int G = (int)std::min<int64_t>(kGroup, nblocks - g0);
+    Philox16State nx;
+    block_counters(block0 + (uint64_t)(g0 + kGroup), nx.c0, nx.c1);
+    nx.c2 = _mm512_setzero_si512();
+    nx.c3 = _mm512_setzero_si512();
+    nx.k0 = k0;
+    nx.k1 = k1;
+    int rounds = 0;
+    for (int g = 0; g < G; ++g) {
+      float* xb = x + (g0 + g) * (int64_t)zo::kBlock;
+      for (int q = 0; q < 4; ++q) {
+        const __m512i w = _mm512_set1_epi32((int)cur[q][g]);
+        __m512 t0 = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_lo), sign, nc, 0x6A));
+        __m512 t1 = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_hi), sign, nc, 0x6A));
+        if (zero_c) {
+          t0 = _mm512_add_ps(_mm512_setzero_ps(), t0);
+          t1 = _mm512_add_ps(_mm512_setzero_ps(), t1);
+        }
+        __m512 x0 = _mm512_loadu_ps(xb + 32 * q), x1 = _mm512_loadu_ps(xb + 32 * q + 16);
+        if (decay != 1.0f) {
+          x0 = _mm512_mul_ps(x0, d);
+          x1 = _mm512_mul_ps(x1, d);
+        }
+        _mm512_storeu_ps(xb + 32 * q, _mm512_add_ps(x0, t0));
+        _mm512_storeu_ps(xb + 32 * q + 16, _mm512_add_ps(x1, t1));
+      }
+      if (rounds < zo::kRounds) {
+        philox16_round(nx);
+        ++rounds;
+      }
+    }
+    for (; rounds < zo::kRounds; ++rounds) philox16_round(nx);
+    _mm512_store_si512(cur[0], nx.c0);
+    _mm512_store_si512(cur[1], nx.c1);
+    _mm512_store_si512(cur[2], nx.c2);
+    _mm512_store_si512(cur[3], nx.c3);
+  }
 }
 
 // AVX-512 fast path. Words are kept in 4 planes; (g, k) lives at g * sg + k * sk, with lanes over
@@ -342,7 +422,11 @@ void rademacher_blocks(void* p, int dt, uint64_t block0, int64_t nblocks, const 
                        const float* coeffs, int K, float decay) {
 #if defined(__x86_64__)
   if (have_avx512()) {
-    rademacher_blocks_avx512(p, dt, block0, nblocks, seeds, coeffs, K, decay);
+    if (K == 1 && dt == F32) {
+      rademacher_k1_f32_avx512(static_cast<float*>(p), block0, nblocks, seeds[0], coeffs[0], decay);
+    } else {
+      rademacher_blocks_avx512(p, dt, block0, nblocks, seeds, coeffs, K, decay);
+    }
     return;
   }
 #endif
