@@ -320,6 +320,8 @@ ZO_AVX512 void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64_
   const __m512i sh_lo = _mm512_sub_epi32(_mm512_set1_epi32(31), iota);
   const __m512i sh_hi = _mm512_sub_epi32(_mm512_set1_epi32(15), iota);
   const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+  const __m512i bit_lo = _mm512_sllv_epi32(_mm512_set1_epi32(1), iota);
+  const __m512i bit_hi = _mm512_sllv_epi32(_mm512_set1_epi32(1 << 16), iota);
   for (int64_t g0 = 0; g0 < nblocks; g0 += kGroup) {
     const int G = (int)std::min<int64_t>(kGroup, nblocks - g0);
     const uint64_t bfirst = block0 + (uint64_t)g0;
@@ -383,9 +385,12 @@ ZO_AVX512 void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64_
           const __m512i nc = _mm512_set1_epi32((int)ncb[k]);
           const int idx = g * sg + k * sk;
           for (int q = 0; q < 4; ++q) {
+            // vptestmd picks the lanes whose bit is set, a masked XOR flips -c to +c there
+            // (measured 3-5% faster than vpsllvd + vpternlogd on this Zen 4; a 64-bit-lane Philox
+            // and precomputed round keys were tried too and were not faster).
             const __m512i w = _mm512_set1_epi32((int)planes[q][idx]);
-            const __m512i t0 = _mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_lo), sign, nc, 0x6A);
-            const __m512i t1 = _mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_hi), sign, nc, 0x6A);
+            const __m512i t0 = _mm512_mask_xor_epi32(nc, _mm512_test_epi32_mask(w, bit_lo), nc, sign);
+            const __m512i t1 = _mm512_mask_xor_epi32(nc, _mm512_test_epi32_mask(w, bit_hi), nc, sign);
             acc[2 * q] = _mm512_add_ps(acc[2 * q], _mm512_castsi512_ps(t0));
             acc[2 * q + 1] = _mm512_add_ps(acc[2 * q + 1], _mm512_castsi512_ps(t1));
           }
