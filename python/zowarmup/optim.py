@@ -12,9 +12,11 @@ import math
 import numbers
 import sys
 import warnings
+import zlib
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
+import torch.distributed as tdist
 from torch.nn.modules.batchnorm import _NormBase
 
 import zo_kernels
@@ -155,6 +157,57 @@ def _loss_value(out) -> float:
     return float(out)
 
 
+def _closure_value(out) -> tuple[float, float | None]:
+    """The closure's return value as ``(loss, n)``: ``n`` is None for a plain loss, else the
+    sample count of ``(loss, n)`` (a non-negative finite number)."""
+    if isinstance(out, tuple):
+        if len(out) != 2:
+            raise TypeError(f"ZOOptimizer: the closure returned a tuple of {len(out)} items; it "
+                            "must return the scalar loss, or (loss, n) with n the number of "
+                            "samples the loss averages")
+        loss = _loss_value(out[0])
+        n = out[1]
+        if isinstance(n, torch.Tensor) and n.dim() == 0 and not n.is_complex() \
+                and n.dtype != torch.bool:
+            n = n.item()
+        if isinstance(n, bool) or not isinstance(n, numbers.Real):
+            raise TypeError(f"ZOOptimizer: the closure returned (loss, n) with n of type "
+                            f"{type(n).__name__}; n must be the number of samples (an int >= 0)")
+        n = float(n)
+        if not (math.isfinite(n) and n >= 0.0):
+            raise ValueError(f"ZOOptimizer: the closure returned (loss, n) with n = {n!r}; n must "
+                             "be the number of samples, finite and >= 0")
+        return loss, n
+    return _loss_value(out), None
+
+
+def _check_process_group(group):
+    """``group`` if it is a usable torch.distributed process group this process belongs to."""
+    if group is None:
+        return None
+    if not tdist.is_available():
+        raise RuntimeError("ZOOptimizer: process_group was given, but this torch build has no "
+                           "torch.distributed")
+    if not tdist.is_initialized():
+        raise RuntimeError("ZOOptimizer: process_group was given, but torch.distributed is not "
+                           "initialized; call torch.distributed.init_process_group(...) first, "
+                           "then pass torch.distributed.group.WORLD or a group from "
+                           "torch.distributed.new_group(...)")
+    if not isinstance(group, tdist.ProcessGroup):
+        raise TypeError(f"ZOOptimizer: process_group must be a torch.distributed.ProcessGroup "
+                        f"(e.g. torch.distributed.group.WORLD) or None, got "
+                        f"{type(group).__name__}")
+    if tdist.get_rank(group) < 0:
+        raise ValueError(f"ZOOptimizer: this process (global rank {tdist.get_rank()}) is not a "
+                         "member of process_group")
+    return group
+
+
+def _seeds_fingerprint(seeds: Sequence[int]) -> int:
+    """16-bit hash of a seed list, to check that every rank evaluates the same directions."""
+    return zlib.crc32(b"".join(int(s).to_bytes(8, "little") for s in seeds)) & 0xFFFF
+
+
 def _span(t: torch.Tensor) -> int:
     """Elements tensor ``t`` occupies in the flat noise vector (rounded up to a block)."""
     return -(-t.numel() // _BLOCK) * _BLOCK
@@ -261,6 +314,38 @@ class ZOOptimizer(torch.optim.Optimizer):
     mode draws new masks per call, which adds noise of order 1 to a difference of order eps;
     switch dropout off for ZO training or re-seed torch's generator at the top of the closure.
 
+    **Data parallel (torch.distributed).** With ``process_group=`` a group of an initialized
+    ``torch.distributed`` (e.g. ``torch.distributed.group.WORLD``), every rank holds the whole model
+    and evaluates its own shard of the batch in the closure; the optimizer adds up the ranks'
+    losses and nothing else::
+
+        dist.init_process_group("gloo")          # or "nccl"; before building the optimizer
+        opt = ZOOptimizer(model.parameters(), lr=1e-3, process_group=dist.group.WORLD)
+        for x, y in loader:                      # x, y: this rank's shard of the global batch
+            opt.step(lambda: (loss_fn(model(x), y), len(x)))
+
+    Per step the 2S local losses go through one ``all_reduce`` (sum) of ``2S + 4`` float64 scalars
+    (:meth:`estimate` likewise, for its seeds): the loss of evaluation ``i`` is
+    ``sum_r n_r * L_r,i / sum_r n_r``. A closure that returns ``(loss, n)``, ``n`` the number of
+    samples its mean loss covers, makes this the loss of the concatenated batch for shards of any
+    size (a rank with ``n = 0`` adds exactly nothing); a closure that returns the plain loss
+    counts ``n = 1`` per rank, the plain mean over ranks, which is the batch loss only when the
+    shards are equal-sized. All ranks must return the same form. The four extra scalars carry the
+    ``n`` sum, that form, and a fingerprint of the seeds: ranks that would use different seeds
+    (other step counters or base seeds) raise RuntimeError on every rank instead of drifting apart.
+    Every rank computes the same projected gradients from the reduced losses and applies the same
+    seeds, so the weights stay bit-identical across ranks without sending any weight, provided
+    the ranks start from identical weights (same initialization seed, or broadcast once before
+    training), use the same kernel backend and the same optimizer arguments and state. A
+    non-finite loss on any rank skips the step on all of them (every rank still evaluates all 2S
+    losses, so that all make the same weight passes). An error raised on one rank only (the
+    closure raises or returns something invalid) leaves the others waiting in the all-reduce until
+    the group's timeout, as with ``DistributedDataParallel``. The loss buffer is on the CPU for gloo and mpi groups, on the
+    parameters' device otherwise (nccl). The process group is not pickled nor part of
+    :meth:`state_dict` (a deep copy or unpickled optimizer is single-process): pass it again when
+    rebuilding. Without a process group a closure may return ``(loss, n)`` as well; ``n`` is
+    validated and ignored, so one closure serves both modes.
+
     **Devices and backends.** All parameters must be on one device (else ValueError). ``backend=None``
     uses the C++ kernel for CPU tensors and Triton for CUDA tensors, falling back to the pure-torch
     reference when the compiled one is missing (:func:`zo_kernels.backends`).
@@ -277,21 +362,30 @@ class ZOOptimizer(torch.optim.Optimizer):
         seed: base seed, an int in ``[0, 2**64)``.
         backend: ``None`` (automatic) or one of ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
         max_skips: ``None`` or an int ``>= 1``: raise after this many consecutive skipped steps.
+        process_group: ``None`` (one process, the default) or a ``torch.distributed``
+            ``ProcessGroup`` this process belongs to: data-parallel steps, see above. Keyword-only.
 
     Raises:
         ValueError: naming the argument, for lr < 0, eps <= 0, num_samples < 1, scale <= 0,
             weight_decay < 0, an unknown dist or backend, parameters on several devices or
             non-contiguous parameters. TypeError for unsupported parameter dtypes.
+        RuntimeError: ``process_group`` given while ``torch.distributed`` is not initialized
+            (or not available); TypeError if it is not a ``ProcessGroup``; ValueError if this
+            process is not one of its members.
     """
 
     def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, num_samples: int = 1,
                  dist: str = "rademacher", scale: float = 0.75, weight_decay: float = 0.0,
-                 seed: int = 0, backend: str | None = None, *, max_skips: int | None = None):
+                 seed: int = 0, backend: str | None = None, *, max_skips: int | None = None,
+                 process_group=None):
         _check_hypers(lr, eps, scale, weight_decay)
         self.num_samples = _check_num_samples(num_samples)
         self.dist = _check_dist(dist)
         self.backend = _check_backend(backend)
         self.max_skips = _check_max_skips(max_skips)
+        #: The torch.distributed process group whose ranks share each step (None: one process).
+        #: Not saved by pickling or ``state_dict``.
+        self.process_group = _check_process_group(process_group)
         #: Integer state, saved by :meth:`state_dict` as Python ints: ``step`` (steps taken,
         #: skipped ones included), ``seed``, ``skipped_steps``, ``consecutive_skips``.
         self.zo_state = {"step": 0, "seed": _check_seed(seed, "seed"), "skipped_steps": 0,
@@ -320,6 +414,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("dist", "rademacher")
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("max_skips", None)
+        self.__dict__.setdefault("process_group", None)  # never pickled: a process-local handle
         self.__dict__.setdefault("zo_state", {"step": 0, "seed": 0})
         self.zo_state.setdefault("skipped_steps", 0)
         self.zo_state.setdefault("consecutive_skips", 0)
@@ -459,6 +554,10 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _validate(self) -> None:
         """Everything a step relies on; raises before any weight changes."""
+        if self.process_group is not None and not tdist.is_initialized():
+            raise RuntimeError("ZOOptimizer: torch.distributed is no longer initialized "
+                               "(destroy_process_group was called), but this optimizer has a "
+                               "process_group")
         _check_num_samples(self.num_samples)
         _check_dist(self.dist)
         _check_backend(self.backend)
@@ -498,23 +597,78 @@ class ZOOptimizer(torch.optim.Optimizer):
         """Remove a displacement ``sign * eps*c * z(seed)`` from the weights."""
         self._apply_groups([seed], lambda g: ((-sign * self._ec(g),), 1.0))
 
-    def _eval(self, closure) -> float:
+    def _eval(self, closure) -> tuple[float, float | None]:
         with torch.no_grad():
             out = closure()
-        return _loss_value(out)
+        return _closure_value(out)
+
+    def _reduce_device(self) -> torch.device:
+        """Where the loss buffer of the all-reduce lives: the CPU when the group's backend takes
+        CPU tensors (gloo, mpi), else the parameters' device (nccl takes CUDA tensors only)."""
+        backend = str(tdist.get_backend(self.process_group)).lower()
+        if "gloo" in backend or "mpi" in backend:
+            return torch.device("cpu")
+        return next(iter(self._params()), torch.empty(0)).device
+
+    def _all_reduce_losses(self, evals: list, seeds: list[int]) -> list[float]:
+        """The global losses of this step's evaluations: one all-reduce of ``len(evals) + 4``
+        float64 scalars over the process group.
+
+        Each rank contributes ``n * loss`` per evaluation (``n = 1`` for a plain loss, so the
+        result is the mean over ranks) plus ``n``, a "returned (loss, n)" flag and a fingerprint
+        of the seeds with its square; the global loss is ``sum(n_r * L_r) / sum(n_r)``. A rank
+        with ``n = 0`` contributes exactly 0 (the mean over an empty shard is NaN). Every check on
+        the reduced values raises on every rank alike, so no rank is left waiting.
+        """
+        counts = [n for _, n in evals]
+        if any(n != counts[0] for n in counts):
+            raise ValueError(f"ZOOptimizer: the closure returned different sample counts within "
+                             f"one step ({', '.join(map(str, counts))}); it must evaluate the "
+                             "same shard on every call")
+        n = counts[0]
+        w = 1.0 if n is None else n
+        fp = _seeds_fingerprint(seeds)
+        buf = [w * loss if w != 0.0 else 0.0 for loss, _ in evals]
+        buf += [w, float(n is not None), float(fp), float(fp * fp)]
+        t = torch.tensor(buf, dtype=torch.float64, device=self._reduce_device())
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM, group=self.process_group)
+        vals = t.tolist()
+        k = len(evals)
+        total, counted, fp_sum, fp_sq = vals[k:]
+        world = tdist.get_world_size(self.process_group)
+        # all fingerprints equal <=> world * sum(f^2) == sum(f)^2 (Cauchy-Schwarz); the sums are
+        # integers below 2**53, so exact in float64
+        if world * (1 << 32) < (1 << 53) and world * int(fp_sq) != int(fp_sum) ** 2:
+            raise RuntimeError("ZOOptimizer: the ranks of process_group evaluated different "
+                               "noise seeds (their step counters, base seeds or estimate() seeds "
+                               "differ); every rank must take the same steps from the same "
+                               "state")
+        if counted not in (0.0, float(world)):
+            raise ValueError(f"ZOOptimizer: {int(counted)} of {world} ranks' closures returned "
+                             "(loss, n) and the others a plain loss; all ranks must return the "
+                             "same form")
+        if not total > 0.0:
+            raise ValueError("ZOOptimizer: every rank's closure returned n = 0 samples; there is "
+                             "no loss to evaluate")
+        return [v / total for v in vals[:k]]
 
     def _spsa(self, closure, seeds: list[int], keep_last: bool):
         """Evaluate L+ / L- for every seed. Returns (losses, grads, ok).
 
-        On return the weights are restored, except with ``keep_last and ok``: then they are left
-        displaced by ``-eps*c*z(seeds[-1])`` for the caller's fused final pass. On an exception the
-        displacement is undone before it propagates.
+        ``losses`` ends at the first non-finite loss (then ``ok`` is False), ``grads`` holds one
+        projected gradient per complete sample before it. On return the weights are restored,
+        except with ``keep_last and ok``: then they are left displaced by ``-eps*c*z(seeds[-1])``
+        for the caller's fused final pass. On an exception the displacement is undone before it
+        propagates.
+
+        With a process group the 2S losses are the ranks' all-reduced ones. Every rank then
+        evaluates all 2S (no early stop at a local non-finite loss), so that all ranks make the
+        same weight passes and stay bit-identical.
         """
         eps_ref = self._eps_ref()
-        losses: list[float] = []
-        grads: list[float] = []
+        local = self.process_group is None
+        evals: list = []  # (loss, n) per closure call, in call order
         disp = None  # (seed, sign): the weights are now w + sign * eps*c * z(seed)
-        ok = True
         try:
             for seed in seeds:
                 if disp is None:
@@ -523,23 +677,29 @@ class ZOOptimizer(torch.optim.Optimizer):
                     prev = disp[0]
                     self._apply_groups([prev, seed], lambda g: ((self._ec(g), self._ec(g)), 1.0))
                 disp = (seed, 1.0)
-                lp = self._eval(closure)
-                losses.append(lp)
-                if not math.isfinite(lp):
-                    ok = False
+                evals.append(self._eval(closure))
+                if local and not math.isfinite(evals[-1][0]):
                     break
                 self._apply_groups([seed], lambda g: ((-2.0 * self._ec(g),), 1.0))
                 disp = (seed, -1.0)
-                lm = self._eval(closure)
-                losses.append(lm)
-                if not math.isfinite(lm):
-                    ok = False
+                evals.append(self._eval(closure))
+                if local and not math.isfinite(evals[-1][0]):
                     break
-                grads.append((lp - lm) / (2.0 * eps_ref))
+            values = [v for v, _ in evals] if local else self._all_reduce_losses(evals, seeds)
         except BaseException:
             if disp is not None:
                 self._undo(*disp)
             raise
+        losses: list[float] = []
+        grads: list[float] = []
+        ok = True
+        for i, v in enumerate(values):
+            losses.append(v)
+            if not math.isfinite(v):
+                ok = False
+                break
+            if i % 2:
+                grads.append((values[i - 1] - v) / (2.0 * eps_ref))
         if disp is not None and (not ok or not keep_last):
             self._undo(*disp)
         return losses, grads, ok
@@ -616,11 +776,14 @@ class ZOOptimizer(torch.optim.Optimizer):
 
         Args:
             closure: required; runs the forward pass on one batch (the same batch every call) and
-                returns the scalar loss (a 0-dim tensor or a float). Called 2S times under
-                ``torch.no_grad()``; it must not call ``backward()``.
+                returns the scalar loss (a 0-dim tensor or a float), or ``(loss, n)`` with ``n``
+                the number of samples the loss averages (used to weight ranks with a
+                ``process_group``). Called 2S times under ``torch.no_grad()``; it must not call
+                ``backward()``. With a ``process_group``: this rank's shard of the batch.
 
         Returns:
-            The mean of the 2S losses (Python float). NaN/inf if the step was skipped.
+            The mean of the 2S losses (Python float); with a ``process_group``, of the
+            all-reduced losses, the same on every rank. NaN/inf if the step was skipped.
 
         Raises:
             TypeError: no closure, or the closure returned something other than a scalar loss
@@ -663,7 +826,9 @@ class ZOOptimizer(torch.optim.Optimizer):
         Returns:
             :class:`ZOEstimate` ``(seeds, projected_grads, loss)``. The weights are left where they
             were (up to restore rounding); the step counter does not advance. A non-finite loss
-            stops the evaluation: that sample's and later samples' gradients are NaN.
+            stops the evaluation: that sample's and later samples' gradients are NaN. With a
+            ``process_group`` the losses are all-reduced as in :meth:`step` (every rank must pass
+            the same ``seeds``), so every rank gets the same estimate.
         """
         if closure is None or not callable(closure):
             raise TypeError(f"ZOOptimizer.estimate needs a closure, got {closure!r}")
