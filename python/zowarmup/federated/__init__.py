@@ -7,6 +7,12 @@ Modules:
 - :mod:`.client` / :mod:`.server` - the protocol logic, message in -> message out (no loop).
 - :mod:`.loop` - :class:`Runner`, the embedded single-process runner (metrics, checkpoints).
 - :mod:`.experiment` - a method beside its baselines over seeds, and the comparison table.
+- :mod:`.exact` - exact ZO evaluation (perturbed weights in a scratch buffer, stored weights
+  untouched), for clients that keep their own model.
+- :mod:`.validation` - checks of untrusted messages before they touch state.
+- :mod:`.replica` / :mod:`.deploy` - deployments: a client keeping its own model (catch-up,
+  checksums) and the :class:`~.deploy.Coordinator` running rounds over a transport with deadlines
+  and repairs (in-memory here; Flower in :mod:`zowarmup.flower`).
 - :mod:`.accounting`, :mod:`.checkpoint`, :mod:`.plotting`, :mod:`.state` - helpers.
 
 Quick start::

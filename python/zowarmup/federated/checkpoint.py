@@ -26,9 +26,18 @@ CHECKPOINT = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 
+#: Keys added after the first release, with the value that reproduces the old behaviour: at that
+#: value they are left out of the hash, so run folders written before they existed still resume.
+_ADDED_KEYS = {("zo", "exact"): False}
+
+
 def config_hash(cfg_dict: dict) -> str:
-    """SHA-256 of the canonical JSON of a resolved config (ignores the ``progress`` flag)."""
+    """SHA-256 of the canonical JSON of a resolved config (ignores the ``progress`` flag, and
+    keys added later while they hold their old-behaviour value)."""
     d = {k: v for k, v in cfg_dict.items() if k not in ("progress",)}
+    for (sec, key), legacy in _ADDED_KEYS.items():
+        if isinstance(d.get(sec), dict) and key in d[sec] and d[sec][key] == legacy:
+            d[sec] = {k: v for k, v in d[sec].items() if k != key}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 

@@ -14,9 +14,11 @@ loops, sampling or transport.
 
 Exactness. ``ZOOptimizer.estimate`` restores the weights by adding back (+eps, -2 eps, +eps), which
 is not bit-exact in floating point (DESIGN section 5). A persistent client that must keep weights
-bit-identical to the server's passes ``snapshot=True`` to :meth:`Client.fit_zo` /
-:meth:`Client.fit_kseed`: the weights are copied before and restored after (one extra copy of the
-parameters, so not inference-level memory). Without it, after one ZO step with S seeds and the
+bit-identical to the server's passes ``exact=True`` (or sets ``zo.exact``) to
+:meth:`Client.fit_zo`: the perturbed weights are written into a scratch buffer the size of the
+largest layer and the stored weights are never touched (:mod:`.exact`); or ``snapshot=True``
+(also :meth:`Client.fit_kseed`): the weights are copied before and restored after (one extra copy
+of the parameters, so not inference-level memory). Without it, after one ZO step with S seeds and the
 round's broadcast, each element is within ``(2 S + 2) * ulp(max(|w|, |w'|) + 2 eps c)`` of the
 server's (w before, w' after the round; checked in ``tests/test_federated.py``), and the drift
 accumulates over rounds. The embedded runner needs neither, because it reloads the worker model
@@ -145,7 +147,8 @@ class Client:
                            num_samples=num_samples, dist=self.zo.dist, scale=scale,
                            backend=_backend(self.zo.backend))
 
-    def fit_zo(self, model: nn.Module, msg: SeedsMessage, snapshot: bool = False) -> GradsMessage:
+    def fit_zo(self, model: nn.Module, msg: SeedsMessage, snapshot: bool = False,
+               exact: bool | None = None) -> GradsMessage:
         """One ZO step per local step on the whole local dataset; return the projected gradients.
 
         For local step k with seeds ``s_0..s_{S-1}`` (``msg.seeds[k*S:(k+1)*S]``):
@@ -155,21 +158,26 @@ class Client:
         update arrives in the broadcast).
 
         Args:
-            model: holds the round's global weights; left at them (exactly with ``snapshot``,
-                else up to restore rounding; with several local steps and no snapshot the local
-                updates stay applied and the caller must re-sync the model).
+            model: holds the round's global weights; left at them (exactly with ``snapshot`` or
+                ``exact``, else up to restore rounding; with several local steps and neither the
+                local updates stay applied and the caller must re-sync the model).
             msg: the server's seeds.
-            snapshot: copy the parameters first and restore them bit-exactly at the end.
+            snapshot: copy the parameters first and restore them bit-exactly at the end (one
+                extra copy of the parameters).
+            exact: evaluate the perturbed weights in a scratch buffer (:mod:`.exact`): the
+                stored weights are never written, memory grows by the largest layer only, and
+                local updates between steps are folded into the scratch copy. The projected
+                gradients differ from the in-place mode's in the last bits (L- is evaluated at
+                ``fl(w - eps c z)`` instead of ``fl(fl(w + eps c z) - 2 eps c z)``). None:
+                ``zo.exact``.
 
         Returns:
             GradsMessage with ``steps * S`` float32 values (NaN/inf when the loss was not finite:
             the server drops such clients).
         """
+        exact = self.zo.exact if exact is None else bool(exact)
         steps, S = msg.steps, msg.per_step
         seeds = [int(s) for s in msg.seeds]
-        params = list(model.parameters())
-        saved = [p.detach().clone() for p in params] if snapshot else None
-        opt = self._optimizer(model, self.zo.lr, self.zo.scale, S)
         model.eval()
         x, y, mb = self.x, self.y, self.zo.micro_batch
 
@@ -177,6 +185,24 @@ class Client:
             return dataset_loss(model, x, y, mb)
 
         grads: list[float] = []
+        if exact:
+            from .exact import ScratchPerturbation, exact_estimate
+            sp = ScratchPerturbation(model, self.zo.dist, _backend(self.zo.backend))
+            pre: list = []
+            for k in range(steps):
+                ks = seeds[k * S:(k + 1) * S]
+                g, _ = exact_estimate(model, closure, ks, self.zo.eps, self.zo.scale,
+                                      self.zo.dist, _backend(self.zo.backend), pre, sp)
+                grads.extend(g)
+                if not all(math.isfinite(v) for v in g):
+                    grads.extend([float("nan")] * (len(seeds) - len(grads)))
+                    break
+                pre.append((ks, [-self.zo.lr * self.zo.scale * v / S for v in g]))
+            return GradsMessage(msg.round, np.asarray(grads, dtype=np.float32), self.num_samples)
+
+        params = list(model.parameters())
+        saved = [p.detach().clone() for p in params] if snapshot else None
+        opt = self._optimizer(model, self.zo.lr, self.zo.scale, S)
         try:
             for k in range(steps):
                 ks = seeds[k * S:(k + 1) * S]

@@ -168,6 +168,13 @@ class ZOConfig:
             ``lazy`` (a sampled client catches up when sampled, by replaying the seed log or by a
             weights download, whichever is smaller).
         backend: kernel backend for ``zo_kernels`` (``auto`` picks per device).
+        exact: exact evaluation mode: clients evaluate ``w +- eps c z`` in a scratch buffer the
+            size of the largest layer and never write their stored weights, so a client that
+            keeps its model between rounds stays bit-identical to the server
+            (``zowarmup.federated.exact``). Changes the projected gradients in the last bits
+            (L- at ``fl(w - eps c z)`` instead of the in-place ``fl(fl(w + eps c z) - 2 eps c z)``).
+            Default false: the in-place step (the embedded runner reloads every client's model
+            from the server, so it needs no exactness; deployments use snapshot or this).
     """
     num_seeds: int = 20
     eps: float = 1e-3
@@ -185,6 +192,7 @@ class ZOConfig:
     clients_per_round: int = 20
     sync: str = "broadcast"
     backend: str = "auto"
+    exact: bool = False
 
 
 @dataclass
@@ -513,6 +521,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     _int("zo.clients_per_round", z.clients_per_round, 0)
     _choice("zo.sync", z.sync, SYNC_MODES)
     _choice("zo.backend", z.backend, BACKENDS)
+    if not isinstance(z.exact, bool):
+        raise ConfigError(f"invalid value {z.exact!r} for 'zo.exact'; allowed values: true, false")
 
     k = cfg.fedkseed
     _int("fedkseed.pool_size", k.pool_size, 1, 1 << 32)

@@ -50,7 +50,7 @@ from .checkpoint import (atomic_write_text, config_hash, load_checkpoint, rng_st
                          save_checkpoint, set_rng_state)
 from .client import Client, has_batchnorm
 from .config import METHOD_LABELS, ConfigError, RunConfig, load_file, validate
-from .messages import (GradsMessage, KSeedUpdate, ReplayMessage, SeedsMessage, WeightsMessage,
+from .messages import (GradsMessage, KSeedUpdate, SeedsMessage, WeightsMessage,
                        KSeedTask)
 from .server import NO_MODEL, Server
 from .state import copy_state_
@@ -90,6 +90,33 @@ def build_global_model(cfg: RunConfig, ds) -> torch.nn.Module:
         raise ConfigError(f"cannot build model.name={cfg.model.name!r} with model.norm="
                           f"{cfg.model.norm!r}, model.options={cfg.model.options!r} for "
                           f"{ds.name} ({ds.in_channels}x{ds.image_size}x{ds.image_size}): {e}") from None
+
+
+def client_shards(cfg: RunConfig, ds) -> list:
+    """The Dirichlet label split of ``ds``'s training set into ``data.num_clients`` shards (index
+    arrays), deterministic in ``cfg.seed``; shard i is client i's data in every runner."""
+    return zdata.dirichlet_partition(ds.y_train, cfg.data.num_clients, cfg.data.alpha, cfg.seed,
+                                     num_classes=ds.num_classes)
+
+
+def make_client(cfg: RunConfig, ds, shard, cid: int, device, pool=None) -> Client:
+    """Client ``cid`` holding ``ds``'s training samples ``shard`` on ``device``."""
+    return Client(cid, ds.x_train[torch.as_tensor(shard)].to(device),
+                  ds.y_train[torch.as_tensor(shard)].to(device), cfg.seed, cfg.warmup, cfg.zo,
+                  cfg.fedkseed, pool)
+
+
+def sample_round(cfg: RunConfig, r: int, phase: str, hi_ids) -> list[int]:
+    """The clients taking part in round ``r`` (``phase`` = ``cfg.phase(r)``): a draw from the
+    high-resource clients ``hi_ids`` during warm-up, from all N afterwards."""
+    N = cfg.data.num_clients
+    if phase == "warmup":
+        k = cfg.warmup.clients_per_round or len(hi_ids)
+        ids = zdata.sample_clients(N, min(k, len(hi_ids)), r, cfg.seed, candidates=hi_ids)
+    else:
+        k = min(cfg.zo.clients_per_round or N, N)
+        ids = zdata.sample_clients(N, k, r, cfg.seed)
+    return [int(c) for c in ids]
 
 
 @torch.no_grad()
@@ -159,8 +186,7 @@ class Runner:
         if N > ds.x_train.shape[0]:
             raise ValueError(f"data.num_clients={N} exceeds the {ds.x_train.shape[0]} training "
                              f"samples of {ds.name}")
-        shards = zdata.dirichlet_partition(ds.y_train, N, cfg.data.alpha, cfg.seed,
-                                           num_classes=ds.num_classes)
+        shards = client_shards(cfg, ds)
         self.shards = shards
         self.hi = zdata.assign_resources(N, cfg.data.hi_fraction, cfg.seed)
         self.hi_ids = np.flatnonzero(self.hi)
@@ -169,9 +195,7 @@ class Runner:
         self.worker = copy.deepcopy(model)
         self.server = Server(cfg, model, N)
         dev = self.device
-        self.clients = [Client(i, ds.x_train[torch.as_tensor(s)].to(dev),
-                               ds.y_train[torch.as_tensor(s)].to(dev), cfg.seed, cfg.warmup,
-                               cfg.zo, cfg.fedkseed, self.server.pool)
+        self.clients = [make_client(cfg, ds, s, i, dev, self.server.pool)
                         for i, s in enumerate(shards)]
         self.x_test, self.y_test = ds.x_test.to(dev), ds.y_test.to(dev)
         self.pivot = cfg.effective_pivot()
@@ -179,27 +203,14 @@ class Runner:
 
     # -- one round -------------------------------------------------------------------------------
     def _sample(self, r: int, phase: str) -> list[int]:
-        cfg = self.cfg
-        N = cfg.data.num_clients
-        if phase == "warmup":
-            k = cfg.warmup.clients_per_round or len(self.hi_ids)
-            ids = zdata.sample_clients(N, min(k, len(self.hi_ids)), r, cfg.seed,
-                                       candidates=self.hi_ids)
-        else:
-            k = min(cfg.zo.clients_per_round or N, N)
-            ids = zdata.sample_clients(N, k, r, cfg.seed)
-        return [int(c) for c in ids]
+        return sample_round(self.cfg, r, phase, self.hi_ids)
 
-    def _catch_up(self, c: int, r: int, nb: _Bytes, weights_len: int) -> None:
+    def _catch_up(self, c: int, r: int, nb: _Bytes) -> None:
         """Bring client c to version r (counting a replay or a weights download, the smaller)."""
         srv = self.server
-        h = int(srv.held[c])
-        if h == r:
+        if int(srv.held[c]) == r:
             return
-        cost = weights_len
-        if h != NO_MODEL and 0 <= h < r and srv.replayable(h, r):
-            replay = ReplayMessage(r, [srv.log[t] for t in range(h, r)]).to_bytes()
-            cost = min(cost, len(replay))
+        cost = srv.catch_up_bytes(c, r)
         nb.add_down(c, cost)
         nb.sync += cost
         srv.held[c] = r
@@ -255,14 +266,6 @@ class Runner:
         torch.manual_seed(derive_seed(cfg.seed, TAG_ROUND, r) >> 1)
         ids = self._sample(r, phase)
         nb = _Bytes()
-        weights_len = None
-
-        def wlen():
-            nonlocal weights_len
-            if weights_len is None:
-                weights_len = len(srv.weights_message(r).to_bytes())
-            return weights_len
-
         replayable_phase = (phase == "fedkseed") or (phase == "zo" and srv.adam_zo is None)
         if phase == "warmup":
             replies = self._run_warmup_clients(r, ids, nb)
@@ -271,7 +274,7 @@ class Runner:
         elif phase in ("zo", "fedkseed"):
             everyone = replayable_phase and cfg.zo.sync == "broadcast"
             for c in (range(N) if everyone else ids):
-                self._catch_up(c, r, nb, wlen())
+                self._catch_up(c, r, nb)
             if phase == "zo":
                 tasks, replies = self._run_zo_clients(r, ids, nb)
                 res = srv.aggregate_zo(r, tasks, replies)
@@ -289,7 +292,7 @@ class Runner:
             lo_ids = [c for c in ids if not self.hi[c]]
             wrep = self._run_warmup_clients(r, hi_ids, nb)
             for c in lo_ids:
-                self._catch_up(c, r, nb, wlen())
+                self._catch_up(c, r, nb)
             tasks, grep = self._run_zo_clients(r, lo_ids, nb)
             res = srv.aggregate_hilo(r, wrep, tasks, grep)
         else:  # pragma: no cover - config validation prevents it

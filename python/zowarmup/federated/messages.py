@@ -13,14 +13,26 @@ BroadcastMessage header, uint32 count, uint64[count] seeds, float32[count] coeff
 ReplayMessage    header, uint32 count, then ``count`` BroadcastMessages back to back
 KSeedTask        header, uint16 steps (FedKSeed; the seed pool is fixed when the federation starts)
 KSeedUpdate      header, uint32 num_samples, uint32 count, uint32[count] pool indices, float32[count]
+StatusMessage    header, uint8 code, int64 version, uint16 len, utf-8 reason[len] (client -> server)
 ===============  ===========================================================================
+
+Checksums (exact agreement, DESIGN section 6): any message may carry a uint32 checksum of the
+sender's model state (:func:`.state.state_checksum`, CRC-32 of the raw state bytes). It is flagged
+by the high bit of the type byte (``type | 0x80``) and sits right after the 8-byte header, so a
+message with a checksum is 4 bytes longer and a message without one is byte-for-byte the version-1
+layout above. What it certifies depends on the message: a SeedsMessage carries the server's state
+at the round's start (the version the client must hold before probing), a GradsMessage the state
+the client probed, a WeightsMessage the state it holds, a BroadcastMessage the server's state after
+applying it, a StatusMessage the client's current state.
 
 So a ZO round with S seeds costs a client ``8 + 6 + 8 S`` bytes down for the seeds and
 ``8 + 8 + 4 S`` bytes up (S = 20: 174 B down, 96 B up), plus the round's broadcast
 ``8 + 4 + 12 K`` bytes for K (seed, coeff) entries. ``num_samples`` (the client's n_i, used for
 the sample-count weighting) rides in the upload header, 4 bytes, as in FedAvg.
 
-Decoding validates magic, version, type and length and raises ``ValueError`` naming the problem.
+Decoding validates magic, version, type and length and raises ``ValueError`` naming the problem;
+:mod:`.validation` checks the decoded content (counts, ranges, rounds, finiteness) before anything
+touches state.
 """
 from __future__ import annotations
 
@@ -34,6 +46,10 @@ MAGIC = b"ZW"
 VERSION = 1
 _HEADER = struct.Struct("<2sBBI")
 HEADER_BYTES = _HEADER.size  # 8
+#: Type-byte flag: a uint32 checksum of the sender's state follows the header.
+CHECKSUM_FLAG = 0x80
+CHECKSUM_BYTES = 4
+_CK = struct.Struct("<I")
 
 
 class MsgType(IntEnum):
@@ -45,22 +61,32 @@ class MsgType(IntEnum):
     REPLAY = 5
     KSEED_TASK = 6
     KSEED_UPDATE = 7
+    STATUS = 8
 
 
-def _header(t: MsgType, round_idx: int) -> bytes:
+def _header(t: MsgType, round_idx: int, checksum: int | None = None) -> bytes:
     if not 0 <= int(round_idx) < 2 ** 32:
         raise ValueError(f"round {round_idx} does not fit the uint32 header field")
-    return _HEADER.pack(MAGIC, VERSION, int(t), int(round_idx))
+    if checksum is None:
+        return _HEADER.pack(MAGIC, VERSION, int(t), int(round_idx))
+    if not 0 <= int(checksum) < 2 ** 32:
+        raise ValueError(f"checksum {checksum} does not fit uint32")
+    return _HEADER.pack(MAGIC, VERSION, int(t) | CHECKSUM_FLAG, int(round_idx)) + _CK.pack(int(checksum))
 
 
-def _read_header(buf: bytes, want: MsgType | None = None) -> tuple[MsgType, int]:
-    if len(buf) < HEADER_BYTES:
-        raise ValueError(f"message too short: {len(buf)} bytes, a header alone is {HEADER_BYTES}")
-    magic, ver, t, rnd = _HEADER.unpack_from(buf, 0)
+def _read_header(buf: bytes, want: MsgType | None = None, start: int = 0
+                 ) -> tuple[MsgType, int, int | None, int]:
+    """(type, round, checksum or None, offset of the body) of the message starting at ``start``."""
+    if len(buf) < start + HEADER_BYTES:
+        raise ValueError(f"message too short: {len(buf) - start} bytes, a header alone is "
+                         f"{HEADER_BYTES}")
+    magic, ver, t, rnd = _HEADER.unpack_from(buf, start)
     if magic != MAGIC:
         raise ValueError(f"bad magic {magic!r}; expected {MAGIC!r} (not a zowarmup message)")
     if ver != VERSION:
         raise ValueError(f"unsupported message version {ver}; this build reads version {VERSION}")
+    has_ck = bool(t & CHECKSUM_FLAG)
+    t &= ~CHECKSUM_FLAG & 0xFF
     try:
         t = MsgType(t)
     except ValueError:
@@ -68,7 +94,15 @@ def _read_header(buf: bytes, want: MsgType | None = None) -> tuple[MsgType, int]
                          f"{', '.join(f'{m.value}={m.name}' for m in MsgType)}") from None
     if want is not None and t != want:
         raise ValueError(f"expected a {want.name} message, got {t.name}")
-    return t, rnd
+    off = start + HEADER_BYTES
+    ck = None
+    if has_ck:
+        if len(buf) < off + CHECKSUM_BYTES:
+            raise ValueError(f"truncated {t.name} message: the checksum flag is set but "
+                             f"{len(buf) - off} bytes follow the header")
+        (ck,) = _CK.unpack_from(buf, off)
+        off += CHECKSUM_BYTES
+    return t, rnd, ck, off
 
 
 def _array(buf: bytes, off: int, dtype: str, n: int, what: str) -> tuple[np.ndarray, int]:
@@ -102,28 +136,30 @@ class WeightsMessage:
         round: round index.
         values: float32 array, shape (n,): every state tensor flattened and concatenated.
         num_samples: the sender's local sample count n_i (0 from the server).
+        checksum: optional uint32 :func:`~.state.state_checksum` of the state (see module doc).
     """
     round: int
     values: np.ndarray
     num_samples: int = 0
+    checksum: int | None = None
     TYPE = MsgType.WEIGHTS
 
     def to_bytes(self) -> bytes:
         """Serialized form (header + uint32 num_samples + uint64 n + float32[n])."""
         v = _f32(self.values)
-        return (_header(self.TYPE, self.round) + struct.pack("<IQ", self.num_samples, v.size)
+        return (_header(self.TYPE, self.round, self.checksum) + struct.pack("<IQ", self.num_samples, v.size)
                 + v.astype("<f4", copy=False).tobytes())
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "WeightsMessage":
         """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
-        _, rnd = _read_header(buf, cls.TYPE)
-        if len(buf) < HEADER_BYTES + 12:
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        if len(buf) < off + 12:
             raise ValueError("truncated WEIGHTS message")
-        ns, n = struct.unpack_from("<IQ", buf, HEADER_BYTES)
-        vals, off = _array(buf, HEADER_BYTES + 12, "<f4", n, "weights")
+        ns, n = struct.unpack_from("<IQ", buf, off)
+        vals, off = _array(buf, off + 12, "<f4", n, "weights")
         _check_end(buf, off, "WEIGHTS")
-        return cls(rnd, vals.astype(np.float32), ns)
+        return cls(rnd, vals.astype(np.float32), ns, ck)
 
 
 @dataclass
@@ -134,10 +170,13 @@ class SeedsMessage:
         round: round index.
         seeds: uint64 array, shape (steps * S,); local step k uses ``seeds[k*S:(k+1)*S]``.
         steps: local ZO steps (1 in the paper's method).
+        checksum: optional checksum of the server's state at the round's start (the version the
+            client must probe).
     """
     round: int
     seeds: np.ndarray
     steps: int = 1
+    checksum: int | None = None
     TYPE = MsgType.SEEDS
 
     def __post_init__(self):
@@ -153,19 +192,20 @@ class SeedsMessage:
         if self.steps < 1 or self.seeds.size % self.steps:
             raise ValueError(f"SeedsMessage: {self.seeds.size} seeds do not split into "
                              f"{self.steps} equal steps")
-        return (_header(self.TYPE, self.round) + struct.pack("<HI", self.steps, self.seeds.size)
+        return (_header(self.TYPE, self.round, self.checksum)
+                + struct.pack("<HI", self.steps, self.seeds.size)
                 + self.seeds.astype("<u8", copy=False).tobytes())
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "SeedsMessage":
         """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
-        _, rnd = _read_header(buf, cls.TYPE)
-        if len(buf) < HEADER_BYTES + 6:
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        if len(buf) < off + 6:
             raise ValueError("truncated SEEDS message")
-        steps, n = struct.unpack_from("<HI", buf, HEADER_BYTES)
-        seeds, off = _array(buf, HEADER_BYTES + 6, "<u8", n, "seeds")
+        steps, n = struct.unpack_from("<HI", buf, off)
+        seeds, off = _array(buf, off + 6, "<u8", n, "seeds")
         _check_end(buf, off, "SEEDS")
-        return cls(rnd, seeds.astype(np.uint64), steps)
+        return cls(rnd, seeds.astype(np.uint64), steps, ck)
 
 
 @dataclass
@@ -176,10 +216,12 @@ class GradsMessage:
         round: round index.
         values: float32 array, shape (steps * S,), ``g = (L+ - L-) / (2 eps)`` in seed order.
         num_samples: the client's n_i (for the sample-count weighting).
+        checksum: optional checksum of the state the client probed.
     """
     round: int
     values: np.ndarray
     num_samples: int = 0
+    checksum: int | None = None
     TYPE = MsgType.GRADS
 
     def __post_init__(self):
@@ -187,19 +229,20 @@ class GradsMessage:
 
     def to_bytes(self) -> bytes:
         """Serialized form (header + uint32 num_samples + uint32 count + float32[count])."""
-        return (_header(self.TYPE, self.round) + struct.pack("<II", self.num_samples, self.values.size)
+        return (_header(self.TYPE, self.round, self.checksum)
+                + struct.pack("<II", self.num_samples, self.values.size)
                 + self.values.astype("<f4", copy=False).tobytes())
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "GradsMessage":
         """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
-        _, rnd = _read_header(buf, cls.TYPE)
-        if len(buf) < HEADER_BYTES + 8:
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        if len(buf) < off + 8:
             raise ValueError("truncated GRADS message")
-        ns, n = struct.unpack_from("<II", buf, HEADER_BYTES)
-        vals, off = _array(buf, HEADER_BYTES + 8, "<f4", n, "projected gradients")
+        ns, n = struct.unpack_from("<II", buf, off)
+        vals, off = _array(buf, off + 8, "<f4", n, "projected gradients")
         _check_end(buf, off, "GRADS")
-        return cls(rnd, vals.astype(np.float32), ns)
+        return cls(rnd, vals.astype(np.float32), ns, ck)
 
 
 @dataclass
@@ -211,10 +254,12 @@ class BroadcastMessage:
         round: round index.
         seeds: uint64 array, shape (K,).
         coeffs: float32 array, shape (K,); already include learning rates, scale and weights.
+        checksum: optional checksum of the server's state after applying this list.
     """
     round: int
     seeds: np.ndarray
     coeffs: np.ndarray
+    checksum: int | None = None
     TYPE = MsgType.BROADCAST
 
     def __post_init__(self):
@@ -226,19 +271,19 @@ class BroadcastMessage:
 
     def to_bytes(self) -> bytes:
         """Serialized form (header + uint32 count + uint64[count] + float32[count])."""
-        return (_header(self.TYPE, self.round) + struct.pack("<I", self.seeds.size)
+        return (_header(self.TYPE, self.round, self.checksum) + struct.pack("<I", self.seeds.size)
                 + self.seeds.astype("<u8", copy=False).tobytes()
                 + self.coeffs.astype("<f4", copy=False).tobytes())
 
     @classmethod
     def _decode_at(cls, buf: bytes, start: int) -> tuple["BroadcastMessage", int]:
-        _, rnd = _read_header(buf[start:start + HEADER_BYTES], cls.TYPE)
-        if len(buf) < start + HEADER_BYTES + 4:
+        _, rnd, ck, off = _read_header(buf, cls.TYPE, start)
+        if len(buf) < off + 4:
             raise ValueError("truncated BROADCAST message")
-        (n,) = struct.unpack_from("<I", buf, start + HEADER_BYTES)
-        seeds, off = _array(buf, start + HEADER_BYTES + 4, "<u8", n, "seeds")
+        (n,) = struct.unpack_from("<I", buf, off)
+        seeds, off = _array(buf, off + 4, "<u8", n, "seeds")
         coeffs, off = _array(buf, off, "<f4", n, "coefficients")
-        return cls(rnd, seeds.astype(np.uint64), coeffs.astype(np.float32)), off
+        return cls(rnd, seeds.astype(np.uint64), coeffs.astype(np.float32), ck), off
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "BroadcastMessage":
@@ -253,31 +298,38 @@ class ReplayMessage:
     """Server -> a client that missed rounds: the seed log of those rounds, to apply in order.
 
     Attributes:
-        round: the round the client is catching up to.
-        entries: BroadcastMessages of the missed rounds, oldest first.
+        round: the round the client is catching up to (it then holds version ``round``).
+        entries: BroadcastMessages of the missed rounds, oldest first, consecutive rounds.
+        checksum: optional checksum of the server's state at version ``round``.
     """
     round: int
     entries: list = field(default_factory=list)
+    checksum: int | None = None
     TYPE = MsgType.REPLAY
 
     def to_bytes(self) -> bytes:
         """Serialized form (header + uint32 count + the broadcasts back to back)."""
-        return (_header(self.TYPE, self.round) + struct.pack("<I", len(self.entries))
+        return (_header(self.TYPE, self.round, self.checksum) + struct.pack("<I", len(self.entries))
                 + b"".join(e.to_bytes() for e in self.entries))
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "ReplayMessage":
         """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
-        _, rnd = _read_header(buf, cls.TYPE)
-        if len(buf) < HEADER_BYTES + 4:
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        if len(buf) < off + 4:
             raise ValueError("truncated REPLAY message")
-        (n,) = struct.unpack_from("<I", buf, HEADER_BYTES)
-        off, entries = HEADER_BYTES + 4, []
+        (n,) = struct.unpack_from("<I", buf, off)
+        off += 4
+        # every entry needs at least a header and a count: bound n before looping
+        if n > (len(buf) - off) // (HEADER_BYTES + 4):
+            raise ValueError(f"truncated REPLAY message: {n} entries cannot fit in "
+                             f"{len(buf) - off} bytes")
+        entries = []
         for _ in range(n):
             e, off = BroadcastMessage._decode_at(buf, off)
             entries.append(e)
         _check_end(buf, off, "REPLAY")
-        return cls(rnd, entries)
+        return cls(rnd, entries, ck)
 
 
 @dataclass
@@ -289,20 +341,21 @@ class KSeedTask:
     """
     round: int
     steps: int
+    checksum: int | None = None
     TYPE = MsgType.KSEED_TASK
 
     def to_bytes(self) -> bytes:
         """Serialized form (header + uint16 steps)."""
-        return _header(self.TYPE, self.round) + struct.pack("<H", self.steps)
+        return _header(self.TYPE, self.round, self.checksum) + struct.pack("<H", self.steps)
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "KSeedTask":
         """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
-        _, rnd = _read_header(buf, cls.TYPE)
-        if len(buf) != HEADER_BYTES + 2:
-            raise ValueError(f"KSEED_TASK message must be {HEADER_BYTES + 2} bytes, got {len(buf)}")
-        (steps,) = struct.unpack_from("<H", buf, HEADER_BYTES)
-        return cls(rnd, steps)
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        if len(buf) != off + 2:
+            raise ValueError(f"KSEED_TASK message must be {off + 2} bytes, got {len(buf)}")
+        (steps,) = struct.unpack_from("<H", buf, off)
+        return cls(rnd, steps, ck)
 
 
 @dataclass
@@ -319,6 +372,7 @@ class KSeedUpdate:
     indices: np.ndarray
     values: np.ndarray
     num_samples: int = 0
+    checksum: int | None = None
     TYPE = MsgType.KSEED_UPDATE
 
     def __post_init__(self):
@@ -329,30 +383,88 @@ class KSeedUpdate:
 
     def to_bytes(self) -> bytes:
         """Serialized form (header + uint32 num_samples + uint32 m + uint32[m] + float32[m])."""
-        return (_header(self.TYPE, self.round) + struct.pack("<II", self.num_samples, self.indices.size)
+        return (_header(self.TYPE, self.round, self.checksum)
+                + struct.pack("<II", self.num_samples, self.indices.size)
                 + self.indices.astype("<u4", copy=False).tobytes()
                 + self.values.astype("<f4", copy=False).tobytes())
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "KSeedUpdate":
         """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
-        _, rnd = _read_header(buf, cls.TYPE)
-        if len(buf) < HEADER_BYTES + 8:
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        if len(buf) < off + 8:
             raise ValueError("truncated KSEED_UPDATE message")
-        ns, n = struct.unpack_from("<II", buf, HEADER_BYTES)
-        idx, off = _array(buf, HEADER_BYTES + 8, "<u4", n, "indices")
+        ns, n = struct.unpack_from("<II", buf, off)
+        idx, off = _array(buf, off + 8, "<u4", n, "indices")
         vals, off = _array(buf, off, "<f4", n, "values")
         _check_end(buf, off, "KSEED_UPDATE")
-        return cls(rnd, idx.astype(np.uint32), vals.astype(np.float32), ns)
+        return cls(rnd, idx.astype(np.uint32), vals.astype(np.float32), ns, ck)
+
+
+class Status(IntEnum):
+    """StatusMessage codes (client -> server)."""
+    #: The client holds the version the server named (reply to a sync / hello).
+    OK = 0
+    #: After catch-up the client's state checksum differs from the server's: it needs weights.
+    DESYNC = 1
+    #: The client rejected the server's message as invalid (reason attached); state unchanged.
+    REJECTED = 2
+    #: The client's local work failed (reason attached).
+    FAILED = 3
+
+
+MAX_REASON_BYTES = 512
+
+
+@dataclass
+class StatusMessage:
+    """Client -> server: the client's state, when it has no gradients or weights to send.
+
+    Attributes:
+        round: the round the status answers.
+        code: a :class:`Status`.
+        version: the model version the client holds (-1: none usable).
+        reason: short human-readable explanation (utf-8, at most 512 bytes on the wire).
+        checksum: the client's current state checksum (None: it holds no model).
+    """
+    round: int
+    code: int
+    version: int = -1
+    reason: str = ""
+    checksum: int | None = None
+    TYPE = MsgType.STATUS
+
+    def to_bytes(self) -> bytes:
+        """Serialized form (header + uint8 code + int64 version + uint16 len + utf-8 reason)."""
+        r = self.reason.encode("utf-8", "replace")[:MAX_REASON_BYTES]
+        return (_header(self.TYPE, self.round, self.checksum)
+                + struct.pack("<BqH", int(self.code), int(self.version), len(r)) + r)
+
+    @classmethod
+    def from_bytes(cls, buf: bytes) -> "StatusMessage":
+        """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        if len(buf) < off + 11:
+            raise ValueError("truncated STATUS message")
+        code, version, n = struct.unpack_from("<BqH", buf, off)
+        off += 11
+        if n > MAX_REASON_BYTES or off + n != len(buf):
+            raise ValueError(f"STATUS message: reason length {n} does not match the "
+                             f"{len(buf) - off} bytes left (at most {MAX_REASON_BYTES})")
+        try:
+            Status(code)
+        except ValueError:
+            raise ValueError(f"STATUS message: unknown code {code}") from None
+        return cls(rnd, code, version, bytes(buf[off:]).decode("utf-8", "replace"), ck)
 
 
 _CLASSES = {c.TYPE: c for c in (WeightsMessage, SeedsMessage, GradsMessage, BroadcastMessage,
-                                 ReplayMessage, KSeedTask, KSeedUpdate)}
+                                 ReplayMessage, KSeedTask, KSeedUpdate, StatusMessage)}
 
 
 def decode(buf: bytes):
     """Decode any message by its header's type byte; ValueError on a malformed buffer."""
-    t, _ = _read_header(bytes(buf[:HEADER_BYTES]))
+    t, _, _, _ = _read_header(bytes(buf[:HEADER_BYTES + CHECKSUM_BYTES]))
     return _CLASSES[t].from_bytes(bytes(buf))
 
 

@@ -22,6 +22,15 @@ Updates, with ``w_i = n_i / sum_{kept j} n_j`` over the clients whose replies we
 Dropping: a reply with any NaN/inf value, or of the wrong length, is dropped from the round and
 reported back (the caller logs and counts it). A round where every reply is dropped leaves the
 model unchanged.
+
+Untrusted input (deployments): :meth:`Server.accept` validates a client's reply -- as bytes or as a
+decoded message -- before anything uses it (:mod:`.validation`: type, size, counts, ranges, NaN/inf,
+round, registered sample count). A rejected message is logged with its reason, counted against the
+sender (:attr:`Server.rejected`, :attr:`Server.rejections`) and changes nothing else.
+
+Catch-up (:meth:`Server.catch_up_message`): a client holding version h < r gets either the seed log
+of rounds h..r-1 (a ReplayMessage) or the weights, whichever serializes smaller; both leave it
+bit-identical to the server (Rademacher ``apply_seeds_`` is exact on every backend).
 """
 from __future__ import annotations
 
@@ -37,12 +46,16 @@ import zo_kernels
 from ..seeds import derive_seed
 from .client import apply_broadcast
 from .config import RunConfig
-from .messages import (BroadcastMessage, GradsMessage, KSeedTask, KSeedUpdate, SeedsMessage,
-                       WeightsMessage)
-from .state import StateLayout
+from .messages import (BroadcastMessage, GradsMessage, KSeedTask, KSeedUpdate, MsgType,
+                       ReplayMessage, SeedsMessage, WeightsMessage)
+from .state import StateLayout, state_checksum
+from .validation import (Limits, Rejected, check_grads_reply, check_kseed_reply, check_status,
+                         check_weights_reply, decode_checked)
 
 log = logging.getLogger("zowarmup.federated")
 
+#: Serialized WeightsMessage size without the floats: header (8) + num_samples (4) + n (8).
+HEADER_AND_WEIGHTS = 20
 TAG_ZO_SEEDS = 0x2E0
 TAG_POOL = 0x9001
 #: Sentinel "holds no usable model version" in :attr:`Server.held`.
@@ -126,6 +139,17 @@ class Server:
         self.held = np.zeros(self.num_clients, dtype=np.int64)
         #: seed log: round -> BroadcastMessage, or None for a round whose update was dense.
         self.log: dict[int, BroadcastMessage | None] = {}
+        #: what a legal message of this run may contain (validation).
+        self.limits = Limits.from_config(cfg, self.layout.size)
+        #: rejected[i]: messages from client i rejected by :meth:`accept`.
+        self.rejected = np.zeros(self.num_clients, dtype=np.int64)
+        #: (round, client, reason) of the latest rejections (at most MAX_REJECTIONS kept).
+        self.rejections: list[tuple[int, int, str]] = []
+        #: registered[i]: client i's sample count as registered with the server (-1: unknown);
+        #: replies claiming another count are rejected.
+        self.registered = np.full(self.num_clients, -1, dtype=np.int64)
+
+    MAX_REJECTIONS = 1000
 
     # -- helpers ---------------------------------------------------------------------------------
     @property
@@ -138,9 +162,102 @@ class Server:
         """``zo_kernels`` backend (None = pick per device)."""
         return None if self.cfg.zo.backend == "auto" else self.cfg.zo.backend
 
-    def weights_message(self, round_idx: int) -> WeightsMessage:
+    def weights_message(self, round_idx: int, checksum: int | None = None) -> WeightsMessage:
         """The current global state as a WeightsMessage (server -> client)."""
-        return WeightsMessage(round_idx, self.layout.flatten(self.model), 0)
+        return WeightsMessage(round_idx, self.layout.flatten(self.model), 0, checksum)
+
+    def checksum(self) -> int:
+        """:func:`~.state.state_checksum` of the global model (uint32)."""
+        return state_checksum(self.model)
+
+    # -- untrusted input -------------------------------------------------------------------------
+    def reject(self, cid: int, round_idx: int, reason: str) -> None:
+        """Log and count a rejected message from client ``cid`` (nothing else changes)."""
+        log.warning("round %d: rejected message from client %s: %s", round_idx, cid, reason)
+        known = (isinstance(cid, (int, np.integer)) and not isinstance(cid, bool)
+                 and 0 <= int(cid) < self.num_clients)
+        if known:
+            self.rejected[int(cid)] += 1
+        self.rejections.append((int(round_idx), int(cid) if known else -1, str(reason)))
+        del self.rejections[:-self.MAX_REJECTIONS]
+
+    def accept(self, cid: int, payload, round_idx: int, task: SeedsMessage | None = None,
+               kind: str | None = None, require_checksum: bool = False):
+        """Validate client ``cid``'s reply for round ``round_idx`` before it is used.
+
+        Args:
+            cid: the sender's client id (must be in ``[0, N)``).
+            payload: serialized bytes or a decoded message.
+            task: the SeedsMessage the client was given (ZO replies are checked against it).
+            kind: ``"weights"``, ``"grads"``, ``"kseed"`` or ``"status"``; None: any of them
+                (by the message's type; a GradsMessage needs ``task``).
+            require_checksum: ZO replies must carry a state checksum.
+
+        Returns:
+            The validated message, or None after logging and counting a rejection. The server's
+            state (model, optimizer, seed log, versions) is not touched either way.
+        """
+        try:
+            if isinstance(cid, bool) or not isinstance(cid, (int, np.integer)) \
+                    or not 0 <= int(cid) < self.num_clients:
+                raise Rejected(f"unknown sender {cid!r} (clients are 0..{self.num_clients - 1})")
+            kinds = {"weights": MsgType.WEIGHTS, "grads": MsgType.GRADS,
+                     "kseed": MsgType.KSEED_UPDATE, "status": MsgType.STATUS}
+            if kind is not None and kind not in kinds:
+                raise ValueError(f"accept: unknown kind {kind!r}")
+            want = (kinds[kind],) if kind else tuple(kinds.values())
+            msg = payload
+            if not hasattr(payload, "TYPE"):
+                msg = decode_checked(payload, want, self.limits)
+            elif payload.TYPE not in want:
+                raise Rejected(f"wrong message type {payload.TYPE.name}; expected "
+                               f"{' or '.join(w.name for w in want)}")
+            n = int(self.registered[int(cid)])
+            n = n if n >= 0 else None
+            if msg.TYPE == MsgType.WEIGHTS:
+                return check_weights_reply(msg, round_idx, self.limits, n)
+            if msg.TYPE == MsgType.GRADS:
+                if task is None:
+                    raise Rejected("GRADS reply but this client was given no ZO task")
+                return check_grads_reply(msg, round_idx, task, self.limits, n, require_checksum)
+            if msg.TYPE == MsgType.KSEED_UPDATE:
+                return check_kseed_reply(msg, round_idx, self.limits, n)
+            return check_status(msg, round_idx)
+        except Rejected as e:
+            self.reject(cid, round_idx, str(e))
+            return None
+
+    # -- catch-up --------------------------------------------------------------------------------
+    def catch_up_message(self, cid: int, round_idx: int, held: int | None = None,
+                         checksum: int | None = None):
+        """What client ``cid`` (holding version ``held``, default ``self.held[cid]``) needs to hold
+        version ``round_idx``: None (nothing), a ReplayMessage of the seed log of rounds
+        ``held .. round_idx-1``, or a WeightsMessage, whichever serializes to fewer bytes (ties:
+        the replay). A client without a usable version, or behind a dense round, gets weights.
+
+        ``checksum`` (the server's state checksum at ``round_idx``) is attached when given.
+        """
+        h = int(self.held[cid]) if held is None else int(held)
+        if h == round_idx:
+            return None
+        if h != NO_MODEL and 0 <= h < round_idx and self.replayable(h, round_idx):
+            replay = ReplayMessage(round_idx, [self.log[t] for t in range(h, round_idx)], checksum)
+            # compare sizes without flattening the model (45 MB for ResNet-18) for nothing
+            w_len = HEADER_AND_WEIGHTS + 4 * self.layout.size + (0 if checksum is None else 4)
+            if len(replay.to_bytes()) <= w_len:
+                return replay
+        return self.weights_message(round_idx, checksum)
+
+    def catch_up_bytes(self, cid: int, round_idx: int, held: int | None = None) -> int:
+        """Serialized size of :meth:`catch_up_message` (0 when the client is current)."""
+        h = int(self.held[cid]) if held is None else int(held)
+        if h == round_idx:
+            return 0
+        cost = HEADER_AND_WEIGHTS + 4 * self.layout.size
+        if h != NO_MODEL and 0 <= h < round_idx and self.replayable(h, round_idx):
+            replay = 12 + sum(len(self.log[t].to_bytes()) for t in range(h, round_idx))
+            cost = min(cost, replay)
+        return cost
 
     @staticmethod
     def _weights(replies: dict, kept: list) -> dict:
@@ -372,6 +489,9 @@ class Server:
             "adam_zo": self.adam_zo.state_dict() if self.adam_zo else None,
             "held": self.held.copy(),
             "log": {int(r): (None if m is None else m.to_bytes()) for r, m in self.log.items()},
+            "rejected": self.rejected.copy(),
+            "rejections": list(self.rejections),
+            "registered": self.registered.copy(),
         }
 
     def load_state_dict(self, sd: dict) -> None:
@@ -383,3 +503,7 @@ class Server:
         self.held = np.asarray(sd["held"], dtype=np.int64).copy()
         self.log = {int(r): (None if b is None else BroadcastMessage.from_bytes(b))
                     for r, b in sd["log"].items()}
+        if "rejected" in sd:  # checkpoints written before validation existed lack these
+            self.rejected = np.asarray(sd["rejected"], dtype=np.int64).copy()
+            self.rejections = [tuple(x) for x in sd["rejections"]]
+            self.registered = np.asarray(sd["registered"], dtype=np.int64).copy()

@@ -98,3 +98,25 @@ def states_equal(a: nn.Module, b: nn.Module) -> bool:
                            y.view(-1).view(torch.uint8) if y.is_floating_point() else y):
             return False
     return True
+
+
+def state_checksum(model: nn.Module) -> int:
+    """CRC-32 (zlib) of the model's raw state bytes: every ``state_dict`` tensor in order, in its
+    own dtype, row-major. A short (uint32) fingerprint that two holders of the same model version
+    compare instead of the weights: equal bits give equal checksums; a flipped bit or one ulp of
+    drift changes it (with probability 1 - 2**-32).
+
+    Reads CPU tensors in place (no copy); CUDA tensors are copied to the host one at a time.
+    Cost: one pass over the state (about 1 GB/s, ~45 ms for ResNet-18's 45 MB).
+    """
+    import zlib
+    crc = 0
+    for t in model.state_dict().values():
+        t = t.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        if t.numel() == 0:
+            continue
+        crc = zlib.crc32(t.reshape(-1).view(torch.uint8).numpy(), crc)
+    return crc & 0xFFFFFFFF

@@ -1,0 +1,242 @@
+"""A client that keeps its own copy of the global model between rounds (a deployment's client).
+
+The embedded runner reloads one worker model from the server before each client, so it needs no
+client-side state. In a deployment (Flower, or :class:`.deploy.InMemoryTransport` in tests) each
+client holds a model of its own and must keep it bit-identical to the server's while only seeds
+and scalars travel. :class:`ClientReplica` is that client: it wraps the same :class:`.client.Client`
+(local data, ``fit_warmup``, ``fit_zo``) and adds
+
+- a model version (the global model after ``version`` rounds; ``-1`` = holds no usable version,
+  e.g. after local SGD in the warm-up);
+- catch-up: a :class:`~.messages.ReplayMessage` of the seed log (applied round by round with
+  ``apply_seeds_``, skipping rounds it already has) or a weights download;
+- checksums: every ZO task names the server's state checksum; after catching up the client
+  compares its own and, on a mismatch, answers ``DESYNC`` instead of probing a wrong model (the
+  server repairs it with a weights download). Its gradients carry its checksum;
+- exact ZO evaluation: ``zo.exact`` (scratch buffer, :mod:`.exact`) or a parameter snapshot, so
+  probing never moves the stored weights;
+- validation of everything the server sends (:mod:`.validation`); a rejected message changes
+  nothing and is answered with ``REJECTED`` and the reason.
+
+:meth:`ClientReplica.handle` takes the task's serialized messages and returns the reply's; the
+Flower ClientApp and the in-memory transport both call it.
+
+Tasks (what the server sends) and replies:
+
+==========================================  ===================================================
+``[WeightsMessage]``                        warm-up: local SGD -> ``[WeightsMessage]``
+``[catch-up?, SeedsMessage]``               ZO round -> ``[GradsMessage]`` (or ``[StatusMessage]``)
+``[catch-up?, StatusMessage]``              sync to ``version`` -> ``[StatusMessage]`` (OK/DESYNC)
+==========================================  ===================================================
+
+where ``catch-up`` is a ReplayMessage or a WeightsMessage.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from torch import nn
+
+from .client import Client, apply_broadcast
+from .messages import MsgType, Status, StatusMessage
+from .state import StateLayout, state_checksum
+from .validation import (Limits, Rejected, check_replay, check_seeds_task, check_task_round,
+                         check_weights_download, decode_checked)
+
+log = logging.getLogger("zowarmup.federated")
+
+NO_MODEL = -1
+
+
+class ClientReplica:
+    """One client's persistent model, version and protocol handling.
+
+    Args:
+        client: the client's data and settings (:class:`.client.Client`).
+        model: the client's own model (updated in place; version 0 = the initial model every
+            client builds from the run seed).
+        limits: what a legal server message may contain (``Limits.from_config``).
+        version: the version ``model`` holds (0 for a fresh initial model).
+        exact: evaluate ZO perturbations in a scratch buffer (``True``, ``zo.exact``) instead of
+            in place with a parameter snapshot (``False``); either way the stored weights end
+            bit-identical.
+    """
+
+    def __init__(self, client: Client, model: nn.Module, limits: Limits, version: int = 0,
+                 exact: bool | None = None):
+        self.client = client
+        self.model = model
+        self.layout = StateLayout(model)
+        self.limits = limits
+        self.version = int(version)
+        self.last_round = 0
+        self.exact = client.zo.exact if exact is None else bool(exact)
+        #: (round, reason) of rejected server messages.
+        self.rejections: list[tuple[int, str]] = []
+
+    # -- state (for engines that restart the client process between messages) -----------------
+    def state(self) -> dict:
+        """``{"version", "last_round", "weights"}`` (weights: float32 flat state)."""
+        return {"version": self.version, "last_round": self.last_round,
+                "weights": self.layout.flatten(self.model)}
+
+    def load_state(self, st: dict) -> None:
+        """Inverse of :meth:`state`."""
+        self.layout.load(self.model, np.asarray(st["weights"], dtype=np.float32))
+        self.version = int(st["version"])
+        self.last_round = int(st["last_round"])
+
+    def checksum(self) -> int:
+        """:func:`~.state.state_checksum` of the client's model."""
+        return state_checksum(self.model)
+
+    # -- protocol --------------------------------------------------------------------------------
+    def handle(self, payloads: list) -> list[bytes]:
+        """Validate and execute one task (its serialized messages); return the serialized reply.
+
+        Nothing changes when the task is invalid: the reply is a ``REJECTED`` StatusMessage naming
+        the reason (and the rejection is logged).
+        """
+        rnd = self.last_round
+        try:
+            msgs = self._decode(payloads)
+            rnd = int(msgs[-1].round)
+            return [m.to_bytes() for m in self._run(msgs)]
+        except Rejected as e:
+            log.warning("client %d: rejected the server's message: %s", self.client.cid, e)
+            self.rejections.append((rnd, str(e)))
+            return [StatusMessage(max(0, min(rnd, 2 ** 32 - 1)), Status.REJECTED, self.version,
+                                  str(e), self._ck_or_none()).to_bytes()]
+
+    def _decode(self, payloads) -> list:
+        if not isinstance(payloads, (list, tuple)) or not 1 <= len(payloads) <= 2:
+            raise Rejected(f"a task is 1 or 2 messages, got "
+                           f"{len(payloads) if isinstance(payloads, (list, tuple)) else type(payloads).__name__}")
+        lim = self.limits
+        if len(payloads) == 1:
+            msgs = [decode_checked(payloads[0], (MsgType.WEIGHTS, MsgType.SEEDS, MsgType.STATUS),
+                                   lim) if not hasattr(payloads[0], "TYPE") else payloads[0]]
+        else:
+            cu = payloads[0] if hasattr(payloads[0], "TYPE") else \
+                decode_checked(payloads[0], (MsgType.REPLAY, MsgType.WEIGHTS), lim)
+            last = payloads[1] if hasattr(payloads[1], "TYPE") else \
+                decode_checked(payloads[1], (MsgType.SEEDS, MsgType.STATUS), lim)
+            if cu.TYPE not in (MsgType.REPLAY, MsgType.WEIGHTS):
+                raise Rejected(f"a task's first message must be a catch-up (REPLAY or WEIGHTS), "
+                               f"got {cu.TYPE.name}")
+            if last.TYPE not in (MsgType.SEEDS, MsgType.STATUS):
+                raise Rejected(f"a catch-up must be followed by SEEDS or STATUS, got "
+                               f"{last.TYPE.name}")
+            msgs = [cu, last]
+        # validate everything before anything is applied
+        last = msgs[-1]
+        if last.TYPE == MsgType.WEIGHTS:       # warm-up
+            check_task_round(last.round, self.last_round, lim, "WEIGHTS")
+            check_weights_download(last, lim)
+        elif last.TYPE == MsgType.SEEDS:
+            check_seeds_task(last, self.last_round, lim)
+        elif last.TYPE == MsgType.STATUS:      # sync request: round may equal R (after the run)
+            if not isinstance(last.version, (int, np.integer)) or last.version != last.round:
+                raise Rejected(f"STATUS sync request: version {last.version!r} must equal its "
+                               f"round {last.round!r}")
+            if not isinstance(last.round, (int, np.integer)) or \
+                    not self.last_round <= int(last.round) <= lim.rounds:
+                raise Rejected(f"STATUS sync request: round {last.round!r} is stale or outside "
+                               f"the run (last seen {self.last_round}, {lim.rounds} rounds)")
+        else:
+            raise Rejected(f"unexpected task message {last.TYPE.name}")
+        if len(msgs) == 2:
+            cu = msgs[0]
+            if int(cu.round) != int(last.round):
+                raise Rejected(f"catch-up to round {cu.round} does not match the task's round "
+                               f"{last.round}")
+            if cu.TYPE == MsgType.WEIGHTS:
+                check_weights_download(cu, lim)
+            else:  # structure only; whether it fits this client's version is _catch_up's call
+                check_replay(cu, int(cu.round), lim)
+        return msgs
+
+    def _catch_up(self, cu, target: int) -> StatusMessage | None:
+        """Apply a catch-up; None when the model now holds version ``target``, else a DESYNC
+        status (nothing applied)."""
+        if cu is not None and cu.TYPE == MsgType.WEIGHTS:
+            self.layout.load(self.model, cu.values)
+            self.version = target
+        elif cu is not None:  # replay: skip the rounds this client already has
+            first = target - len(cu.entries)
+            if self.version == NO_MODEL or not first <= self.version <= target:
+                return StatusMessage(target, Status.DESYNC, self.version,
+                                     f"cannot replay rounds {first}..{target - 1} onto version "
+                                     f"{self.version}", self._ck_or_none())
+            backend = None if self.client.zo.backend == "auto" else self.client.zo.backend
+            for e in cu.entries[self.version - first:]:
+                apply_broadcast(self.model, e, self.client.zo.dist, backend)
+                self.version = int(e.round) + 1
+        if self.version != target:
+            return StatusMessage(target, Status.DESYNC, self.version,
+                                 f"holds version {self.version}, the task needs {target}",
+                                 self._ck_or_none())
+        return None
+
+    def _ck_or_none(self):
+        return self.checksum() if self.version != NO_MODEL else None
+
+    def _run(self, msgs: list) -> list:
+        last = msgs[-1]
+        cu = msgs[0] if len(msgs) == 2 else None
+        r = int(last.round)
+        self.last_round = r
+        if last.TYPE == MsgType.WEIGHTS:  # warm-up: local SGD from the global state
+            reply = self.client.fit_warmup(self.model, last, self.layout)
+            self.version = NO_MODEL
+            return [reply]
+        out = self._catch_up(cu, r)
+        if out is not None:
+            return [out]
+        mine = self.checksum()
+        want = last.checksum
+        if want is not None and mine != want:
+            log.warning("client %d: state checksum %08x differs from the server's %08x at "
+                        "version %d: asking for a weights download", self.client.cid, mine, want,
+                        r)
+            self.version = NO_MODEL
+            return [StatusMessage(r, Status.DESYNC, NO_MODEL,
+                                  f"checksum {mine:08x} != server's {want:08x} at version {r}",
+                                  mine)]
+        if last.TYPE == MsgType.STATUS:  # sync request
+            return [StatusMessage(r, Status.OK, self.version, "", mine)]
+        try:
+            if self.exact:
+                reply = self.client.fit_zo(self.model, last, exact=True)
+            else:
+                reply = self.client.fit_zo(self.model, last, snapshot=True, exact=False)
+        except Exception as e:  # a local failure is reported, not fatal to the federation
+            log.exception("client %d: ZO step failed", self.client.cid)
+            return [StatusMessage(r, Status.FAILED, self.version, f"{type(e).__name__}: {e}",
+                                  mine)]
+        reply.checksum = mine
+        return [reply]
+
+
+def build_replica(cfg, ds, cid: int, device="cpu", shards=None, model=None) -> ClientReplica:
+    """Client ``cid``'s replica for config ``cfg`` and dataset ``ds``: its shard of the Dirichlet
+    split, the initial model (version 0, built from the run seed), and the run's limits."""
+    from .loop import build_global_model, client_shards, make_client
+    if cfg.method not in DEPLOYABLE_METHODS:
+        raise ValueError(f"method {cfg.method!r} runs embedded only; deployments support "
+                         f"{', '.join(DEPLOYABLE_METHODS)}")
+    shards = client_shards(cfg, ds) if shards is None else shards
+    client = make_client(cfg, ds, shards[cid], cid, torch.device(device))
+    if model is None:
+        rng = torch.get_rng_state()
+        model = build_global_model(cfg, ds).to(device)
+        torch.set_rng_state(rng)
+    lim = Limits.from_config(cfg, StateLayout(model).size)
+    return ClientReplica(client, model, lim, 0)
+
+
+#: Methods a deployment (Flower, the in-memory transport) runs: warm-up and seed-only ZO rounds.
+#: FedKSeed and hi+lo variants run in the embedded runner only.
+DEPLOYABLE_METHODS = ("zowarmup", "high_res_only", "zo_only")

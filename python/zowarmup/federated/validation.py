@@ -1,0 +1,345 @@
+"""Validation of untrusted protocol messages, before anything touches state.
+
+In a deployment every message crosses a trust boundary: a client (or something pretending to be
+one) can send garbage, replay an old reply, or claim a million samples; a compromised link can
+hand a client a truncated seed list. Each check here raises :class:`Rejected` with a reason naming
+the problem; callers (:meth:`.server.Server.accept`, :class:`.replica.ClientReplica`) log it,
+count the sender, and leave their state unchanged.
+
+What is checked, by message:
+
+- any, as bytes: the Python type (``bytes``/``bytearray``/``memoryview``); the size, against the
+  largest legal message of the expected type *before* decoding (so an oversized payload costs no
+  parsing); magic, version, type and exact length (``messages.from_bytes``).
+- any, decoded: the message class and the dtypes/shapes of its arrays; the round number (a reply
+  must answer the current round: older is stale, newer is forged); the checksum's range.
+- client -> server, WeightsMessage: ``n`` equals the model's state size; every value finite and at
+  most :data:`MAX_ABS_VALUE`; ``num_samples`` equal to the client's registered count (when known).
+- client -> server, GradsMessage: one value per seed of the client's task; finite and at most
+  :data:`MAX_ABS_VALUE` (a finite 1e38 would overflow the float32 coefficients); ``num_samples``.
+- client -> server, KSeedUpdate: indices inside the pool, strictly increasing, at most one per
+  local step; values finite.
+- server -> client, SeedsMessage: ``steps`` and the seed count equal the run's ``local_steps`` and
+  ``S * local_steps``; the round not older than the client's last and inside the run.
+- server -> client, BroadcastMessage / ReplayMessage: entry counts bounded, coefficients finite,
+  replay entries for consecutive rounds ending right before the task's round.
+
+Seeds carried as bytes are uint64 by construction; seeds carried in Flower records (Python ints)
+are range-checked in :mod:`zowarmup.flower.records`, which converts records to these messages and
+then runs the same checks.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .messages import (CHECKSUM_BYTES, HEADER_BYTES, MAX_REASON_BYTES, BroadcastMessage,
+                       GradsMessage, KSeedTask, KSeedUpdate, MsgType, ReplayMessage, SeedsMessage,
+                       Status, StatusMessage, WeightsMessage, _CLASSES, _read_header)
+
+#: Largest magnitude accepted for a weight or a projected gradient. Larger finite values are as
+#: useless as inf and would overflow the float32 coefficients of the broadcast.
+MAX_ABS_VALUE = 1e30
+
+
+class Rejected(ValueError):
+    """A message failed validation. ``str(e)`` is the reason (logged, and counted per sender)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a legal message of this run may contain.
+
+    Attributes:
+        state_size: floats in a WeightsMessage (``StateLayout.size``).
+        seeds_per_task: ``zo.num_seeds * zo.local_steps`` (a SeedsMessage / GradsMessage count).
+        local_steps: ``zo.local_steps``.
+        num_clients: N.
+        rounds: R; rounds are ``0 .. R-1``.
+        max_broadcast: most (seed, coeff) entries one round's broadcast can hold.
+        pool_size: FedKSeed pool size K (0 when unused).
+        kseed_steps: FedKSeed local steps (most entries of a KSeedUpdate).
+    """
+    state_size: int
+    seeds_per_task: int
+    local_steps: int
+    num_clients: int
+    rounds: int
+    max_broadcast: int
+    pool_size: int = 0
+    kseed_steps: int = 0
+
+    @classmethod
+    def from_config(cls, cfg, state_size: int) -> "Limits":
+        """Limits for a :class:`~.config.RunConfig` and a model of ``state_size`` floats."""
+        z, k = cfg.zo, cfg.fedkseed
+        per = z.num_seeds * z.local_steps
+        n = cfg.data.num_clients
+        kseed = cfg.method in ("fedkseed", "zowarmup_fedkseed")
+        mb = per if z.seed_sharing == "shared" else per * n
+        if kseed:
+            mb = max(mb, k.pool_size)
+        return cls(state_size=int(state_size), seeds_per_task=per, local_steps=z.local_steps,
+                   num_clients=n, rounds=cfg.rounds, max_broadcast=mb,
+                   pool_size=k.pool_size if kseed else 0, kseed_steps=k.local_steps if kseed else 0)
+
+    def max_bytes(self, t: MsgType) -> int:
+        """Size of the largest legal serialized message of type ``t`` (checksum included)."""
+        h = HEADER_BYTES + CHECKSUM_BYTES
+        bcast = h + 4 + 12 * self.max_broadcast
+        return {
+            MsgType.WEIGHTS: h + 12 + 4 * self.state_size,
+            MsgType.SEEDS: h + 6 + 8 * self.seeds_per_task,
+            MsgType.GRADS: h + 8 + 4 * self.seeds_per_task,
+            MsgType.BROADCAST: bcast,
+            MsgType.REPLAY: h + 4 + self.rounds * bcast,
+            MsgType.KSEED_TASK: h + 2,
+            MsgType.KSEED_UPDATE: h + 8 + 8 * min(self.pool_size, self.kseed_steps),
+            MsgType.STATUS: h + 11 + MAX_REASON_BYTES,
+        }[MsgType(t)]
+
+
+# ------------------------------------------------------------------------------------------------
+# bytes -> message
+# ------------------------------------------------------------------------------------------------
+def decode_checked(buf, want: MsgType | tuple, limits: Limits):
+    """Decode ``buf`` as one of the ``want`` types, refusing oversized or malformed input.
+
+    Raises :class:`Rejected` naming the problem (wrong Python type, too large, bad header, wrong
+    message type, truncated or trailing bytes).
+    """
+    wants = tuple(want) if isinstance(want, (tuple, list, set, frozenset)) else (want,)
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise Rejected(f"expected a serialized message (bytes), got {type(buf).__name__}")
+    buf = bytes(buf)
+    cap = max(limits.max_bytes(w) for w in wants)
+    if len(buf) > cap:
+        raise Rejected(f"oversized payload: {len(buf)} bytes, the largest legal "
+                       f"{'/'.join(MsgType(w).name for w in wants)} message is {cap} bytes")
+    try:
+        t, _, _, _ = _read_header(buf[:HEADER_BYTES + CHECKSUM_BYTES])
+    except ValueError as e:
+        raise Rejected(str(e)) from None
+    if t not in wants:
+        raise Rejected(f"wrong message type {t.name}; expected "
+                       f"{' or '.join(MsgType(w).name for w in wants)}")
+    if len(buf) > limits.max_bytes(t):
+        raise Rejected(f"oversized payload: {len(buf)} bytes, the largest legal {t.name} "
+                       f"message is {limits.max_bytes(t)} bytes")
+    try:
+        return _CLASSES[t].from_bytes(buf)
+    except (ValueError, struct.error) as e:
+        raise Rejected(f"malformed {t.name} message: {e}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# decoded-message checks
+# ------------------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_round(msg, round_idx: int, what: str) -> None:
+    r = getattr(msg, "round", None)
+    if not _is_int(r):
+        raise Rejected(f"{what}: round must be an integer, got {type(r).__name__}")
+    if int(r) < round_idx:
+        raise Rejected(f"{what}: stale round {int(r)} (the current round is {round_idx})")
+    if int(r) > round_idx:
+        raise Rejected(f"{what}: round {int(r)} is from the future (the current round is "
+                       f"{round_idx})")
+
+
+def _check_checksum(msg, what: str, required: bool = False) -> None:
+    ck = getattr(msg, "checksum", None)
+    if ck is None:
+        if required:
+            raise Rejected(f"{what}: missing state checksum")
+        return
+    if not _is_int(ck) or not 0 <= int(ck) < 2 ** 32:
+        raise Rejected(f"{what}: checksum {ck!r} is not a uint32")
+
+
+def _check_array(a, dtype, what: str, count: int | None = None) -> np.ndarray:
+    if not isinstance(a, np.ndarray):
+        raise Rejected(f"{what}: expected a numpy array, got {type(a).__name__}")
+    if a.dtype != np.dtype(dtype):
+        raise Rejected(f"{what}: wrong dtype {a.dtype}, expected {np.dtype(dtype)}")
+    if a.ndim != 1:
+        raise Rejected(f"{what}: expected a 1-D array, got shape {a.shape}")
+    if count is not None and a.size != count:
+        raise Rejected(f"{what}: wrong count {a.size}, expected {count}")
+    return a
+
+
+def _check_values(a: np.ndarray, what: str) -> None:
+    bad = ~np.isfinite(a)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise Rejected(f"{what}: non-finite value {a[i]} at index {i} "
+                       f"({int(bad.sum())} of {a.size})")
+    if a.size and float(np.max(np.abs(a))) > MAX_ABS_VALUE:
+        i = int(np.argmax(np.abs(a)))
+        raise Rejected(f"{what}: value {a[i]:.3g} at index {i} exceeds {MAX_ABS_VALUE:g} in "
+                       "magnitude")
+
+
+def _check_samples(msg, expected: int | None, what: str) -> None:
+    ns = getattr(msg, "num_samples", None)
+    if not _is_int(ns) or not 0 < int(ns) < 2 ** 32:
+        raise Rejected(f"{what}: num_samples {ns!r} is not a positive uint32")
+    if expected is not None and expected >= 0 and int(ns) != expected:
+        raise Rejected(f"{what}: num_samples {int(ns)} differs from the client's registered "
+                       f"{expected}")
+
+
+def check_weights_reply(msg, round_idx: int, limits: Limits, num_samples: int | None = None
+                        ) -> WeightsMessage:
+    """A client's phase-1 reply (its locally trained state)."""
+    if not isinstance(msg, WeightsMessage):
+        raise Rejected(f"expected a WeightsMessage, got {type(msg).__name__}")
+    _check_round(msg, round_idx, "WEIGHTS")
+    _check_checksum(msg, "WEIGHTS")
+    _check_array(msg.values, np.float32, "WEIGHTS values", limits.state_size)
+    _check_values(msg.values, "WEIGHTS values")
+    _check_samples(msg, num_samples, "WEIGHTS")
+    return msg
+
+
+def check_grads_reply(msg, round_idx: int, task: SeedsMessage, limits: Limits,
+                      num_samples: int | None = None, require_checksum: bool = False
+                      ) -> GradsMessage:
+    """A client's ZO reply to ``task``: one finite projected gradient per seed."""
+    if not isinstance(msg, GradsMessage):
+        raise Rejected(f"expected a GradsMessage, got {type(msg).__name__}")
+    _check_round(msg, round_idx, "GRADS")
+    _check_checksum(msg, "GRADS", require_checksum)
+    _check_array(msg.values, np.float32, "GRADS values", int(task.seeds.size))
+    _check_values(msg.values, "GRADS values")
+    _check_samples(msg, num_samples, "GRADS")
+    return msg
+
+
+def check_kseed_reply(msg, round_idx: int, limits: Limits, num_samples: int | None = None
+                      ) -> KSeedUpdate:
+    """A client's FedKSeed reply: pool indices in range, strictly increasing, finite values."""
+    if not isinstance(msg, KSeedUpdate):
+        raise Rejected(f"expected a KSeedUpdate, got {type(msg).__name__}")
+    _check_round(msg, round_idx, "KSEED_UPDATE")
+    _check_checksum(msg, "KSEED_UPDATE")
+    idx = _check_array(msg.indices, np.uint32, "KSEED_UPDATE indices")
+    _check_array(msg.values, np.float32, "KSEED_UPDATE values", idx.size)
+    if idx.size > limits.kseed_steps:
+        raise Rejected(f"KSEED_UPDATE: wrong count {idx.size}, at most {limits.kseed_steps} "
+                       "(one per local step)")
+    if idx.size and int(idx.max()) >= limits.pool_size:
+        raise Rejected(f"KSEED_UPDATE: seed index {int(idx.max())} out of range for a pool of "
+                       f"{limits.pool_size}")
+    if idx.size > 1 and not bool(np.all(np.diff(idx.astype(np.int64)) > 0)):
+        raise Rejected("KSEED_UPDATE: indices are not strictly increasing")
+    _check_values(msg.values, "KSEED_UPDATE values")
+    _check_samples(msg, num_samples, "KSEED_UPDATE")
+    return msg
+
+
+def check_status(msg, round_idx: int) -> StatusMessage:
+    """A client's status reply."""
+    if not isinstance(msg, StatusMessage):
+        raise Rejected(f"expected a StatusMessage, got {type(msg).__name__}")
+    _check_round(msg, round_idx, "STATUS")
+    _check_checksum(msg, "STATUS")
+    if not _is_int(msg.code) or int(msg.code) not in {int(s) for s in Status}:
+        raise Rejected(f"STATUS: unknown code {msg.code!r}")
+    if not _is_int(msg.version) or not -1 <= int(msg.version) <= 2 ** 32:
+        raise Rejected(f"STATUS: version {msg.version!r} out of range")
+    if not isinstance(msg.reason, str):
+        raise Rejected(f"STATUS: reason must be a string, got {type(msg.reason).__name__}")
+    return msg
+
+
+# -- server -> client ----------------------------------------------------------------------------
+def check_task_round(r, last_round: int, limits: Limits, what: str) -> int:
+    """A task's round: an integer, not older than the client's last task, inside the run."""
+    if not _is_int(r):
+        raise Rejected(f"{what}: round must be an integer, got {type(r).__name__}")
+    r = int(r)
+    if r < last_round:
+        raise Rejected(f"{what}: stale round {r} (this client already saw round {last_round})")
+    if r >= limits.rounds:
+        raise Rejected(f"{what}: round {r} is from the future (the run has {limits.rounds} rounds)")
+    return r
+
+
+def check_seeds_task(msg, last_round: int, limits: Limits) -> SeedsMessage:
+    """The server's ZO task: the run's step count and S seeds per step, a plausible round."""
+    if not isinstance(msg, SeedsMessage):
+        raise Rejected(f"expected a SeedsMessage, got {type(msg).__name__}")
+    check_task_round(msg.round, last_round, limits, "SEEDS")
+    _check_checksum(msg, "SEEDS")
+    if not _is_int(msg.steps) or int(msg.steps) != limits.local_steps:
+        raise Rejected(f"SEEDS: wrong step count {msg.steps!r}, the run uses "
+                       f"{limits.local_steps}")
+    _check_array(msg.seeds, np.uint64, "SEEDS seeds", limits.seeds_per_task)
+    return msg
+
+
+def check_broadcast(msg, limits: Limits, what: str = "BROADCAST") -> BroadcastMessage:
+    """A round's (seed, coeff) list: bounded count, equal lengths, finite float32 coefficients."""
+    if not isinstance(msg, BroadcastMessage):
+        raise Rejected(f"{what}: expected a BroadcastMessage, got {type(msg).__name__}")
+    if not _is_int(msg.round) or not 0 <= int(msg.round) < limits.rounds:
+        raise Rejected(f"{what}: round {msg.round!r} outside the run's {limits.rounds} rounds")
+    _check_checksum(msg, what)
+    s = _check_array(msg.seeds, np.uint64, f"{what} seeds")
+    _check_array(msg.coeffs, np.float32, f"{what} coefficients", s.size)
+    if s.size > limits.max_broadcast:
+        raise Rejected(f"{what}: wrong count {s.size}, at most {limits.max_broadcast} entries")
+    _check_values(msg.coeffs, f"{what} coefficients")
+    return msg
+
+
+def check_replay(msg, version: int, limits: Limits) -> ReplayMessage:
+    """A seed-log replay bringing a client from some version to ``msg.round``: consecutive
+    rounds, ending at ``msg.round - 1``, covering the client's ``version`` onwards."""
+    if not isinstance(msg, ReplayMessage):
+        raise Rejected(f"expected a ReplayMessage, got {type(msg).__name__}")
+    if not _is_int(msg.round) or not 0 <= int(msg.round) <= limits.rounds:
+        raise Rejected(f"REPLAY: target round {msg.round!r} outside the run")
+    _check_checksum(msg, "REPLAY")
+    if not isinstance(msg.entries, list) or len(msg.entries) > limits.rounds:
+        raise Rejected(f"REPLAY: wrong count: at most {limits.rounds} entries")
+    for i, e in enumerate(msg.entries):
+        check_broadcast(e, limits, f"REPLAY entry {i}")
+    rounds = [int(e.round) for e in msg.entries]
+    if rounds != list(range(int(msg.round) - len(rounds), int(msg.round))):
+        raise Rejected(f"REPLAY: entries for rounds {rounds[:5]}{'...' if len(rounds) > 5 else ''}"
+                       f" are not the consecutive rounds before {int(msg.round)}")
+    first = int(msg.round) - len(rounds)
+    if version < first:
+        raise Rejected(f"REPLAY: starts at round {first} but this client holds version {version}")
+    return msg
+
+
+def check_weights_download(msg, limits: Limits) -> WeightsMessage:
+    """A weights download from the server (catch-up or repair)."""
+    if not isinstance(msg, WeightsMessage):
+        raise Rejected(f"expected a WeightsMessage, got {type(msg).__name__}")
+    if not _is_int(msg.round) or not 0 <= int(msg.round) <= limits.rounds:
+        raise Rejected(f"WEIGHTS: round {msg.round!r} outside the run")
+    _check_checksum(msg, "WEIGHTS")
+    _check_array(msg.values, np.float32, "WEIGHTS values", limits.state_size)
+    _check_values(msg.values, "WEIGHTS values")
+    return msg
+
+
+def check_kseed_task(msg, last_round: int, limits: Limits) -> KSeedTask:
+    """The server's FedKSeed task."""
+    if not isinstance(msg, KSeedTask):
+        raise Rejected(f"expected a KSeedTask, got {type(msg).__name__}")
+    check_task_round(msg.round, last_round, limits, "KSEED_TASK")
+    if not _is_int(msg.steps) or int(msg.steps) != limits.kseed_steps:
+        raise Rejected(f"KSEED_TASK: wrong step count {msg.steps!r}, the run uses "
+                       f"{limits.kseed_steps}")
+    return msg
