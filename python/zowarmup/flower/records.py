@@ -1,0 +1,290 @@
+"""Protocol messages <-> Flower records, with validation of everything that arrives.
+
+ZO rounds travel as seeds and scalars only: ``ConfigRecord`` (server -> client: seeds, replayed
+(seed, coeff) lists, checksums) and ``MetricRecord`` (client -> server: projected gradients, sample
+count, checksum). Model weights travel in an ``ArrayRecord`` only where the method needs them: the
+warm-up rounds, and a catch-up or repair download when that is cheaper than (or the only
+alternative to) a replay.
+
+=========================  ===============  =====================================================
+message                    record (key)     fields
+=========================  ===============  =====================================================
+SeedsMessage               ConfigRecord     round, steps, seeds: list[int] (uint64), [checksum]
+                           ``seeds``
+ReplayMessage              ConfigRecord     round, rounds: list[int], counts: list[int],
+                           ``replay``       seeds: list[int], coeffs: list[float], [checksum]
+WeightsMessage             ArrayRecord      ``state``: float32 array (n,)
+                           ``weights`` +    round, num_samples, [checksum]
+                           ConfigRecord
+                           ``weights.meta``
+StatusMessage              ConfigRecord     round, code, version, reason, [checksum]
+                           ``status``
+GradsMessage               MetricRecord     round, num_samples, values: list[float], [checksum]
+                           ``grads``
+=========================  ===============  =====================================================
+
+Python ints up to 2**64 - 1 ride in ConfigRecord lists as they are (every seed is non-negative,
+so a list never mixes negative values with values >= 2**63, which Flower 1.41 refuses); float32
+values ride as Python floats (exactly). A task is one RecordDict holding its catch-up (if any) and
+its main message; a reply holds one message.
+
+Decoding (:func:`task_from_records`, :func:`reply_from_records`) checks keys, record kinds, Python
+types, list lengths against :class:`~zowarmup.federated.validation.Limits` (before converting),
+seeds in ``[0, 2**64)``, and the array's dtype, shape and byte size, raising
+:class:`~zowarmup.federated.validation.Rejected`; the result then goes through the same
+:mod:`~zowarmup.federated.validation` checks as the binary messages.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Mapping
+
+import numpy as np
+
+from ..federated.messages import (BroadcastMessage, GradsMessage, MsgType, ReplayMessage,
+                                  SeedsMessage, StatusMessage, WeightsMessage)
+from ..federated.validation import Limits, Rejected
+
+_U64 = 2 ** 64
+_TASK_KEYS = {"seeds", "replay", "weights", "weights.meta", "status"}
+_REPLY_KEYS = {"grads", "weights", "weights.meta", "status"}
+
+
+def _flwr():
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+    return Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+
+# ------------------------------------------------------------------------------------------------
+# message -> records
+# ------------------------------------------------------------------------------------------------
+def _ck(d: dict, msg) -> dict:
+    if msg.checksum is not None:
+        d["checksum"] = int(msg.checksum)
+    return d
+
+
+def _add(rd: dict, msg) -> None:
+    Array, ArrayRecord, ConfigRecord, MetricRecord, _ = _flwr()
+    t = msg.TYPE
+    if t == MsgType.SEEDS:
+        rd["seeds"] = ConfigRecord(_ck({"round": int(msg.round), "steps": int(msg.steps),
+                                        "seeds": [int(s) for s in msg.seeds]}, msg))
+    elif t == MsgType.REPLAY:
+        rd["replay"] = ConfigRecord(_ck({
+            "round": int(msg.round),
+            "rounds": [int(e.round) for e in msg.entries],
+            "counts": [int(e.seeds.size) for e in msg.entries],
+            "seeds": [int(s) for e in msg.entries for s in e.seeds],
+            "coeffs": [float(c) for e in msg.entries for c in e.coeffs]}, msg))
+    elif t == MsgType.WEIGHTS:
+        rd["weights"] = ArrayRecord({"state": Array(np.ascontiguousarray(msg.values,
+                                                                         dtype=np.float32))})
+        rd["weights.meta"] = ConfigRecord(_ck({"round": int(msg.round),
+                                               "num_samples": int(msg.num_samples)}, msg))
+    elif t == MsgType.STATUS:
+        rd["status"] = ConfigRecord(_ck({"round": int(msg.round), "code": int(msg.code),
+                                         "version": int(msg.version), "reason": str(msg.reason)},
+                                        msg))
+    elif t == MsgType.GRADS:
+        rd["grads"] = MetricRecord(_ck({"round": int(msg.round),
+                                        "num_samples": int(msg.num_samples),
+                                        "values": [float(v) for v in msg.values]}, msg))
+    else:
+        raise ValueError(f"{t.name} messages have no Flower record form")
+
+
+def to_records(msgs: list):
+    """A task's or reply's messages as one ``RecordDict``."""
+    _, _, _, _, RecordDict = _flwr()
+    rd: dict = {}
+    for m in msgs:
+        _add(rd, m)
+    return RecordDict(rd)
+
+
+# ------------------------------------------------------------------------------------------------
+# records -> message (validated)
+# ------------------------------------------------------------------------------------------------
+def _int(v, what: str, lo: int = 0, hi: int = 2 ** 32) -> int:
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise Rejected(f"{what}: expected an integer, got {type(v).__name__}")
+    if not lo <= int(v) < hi:
+        raise Rejected(f"{what}: {int(v)} out of range [{lo}, {hi})")
+    return int(v)
+
+
+def _list(v, what: str, max_len: int, kind) -> list:
+    if not isinstance(v, list):
+        raise Rejected(f"{what}: expected a list, got {type(v).__name__}")
+    if len(v) > max_len:
+        raise Rejected(f"{what}: oversized: {len(v)} entries, at most {max_len}")
+    for i, x in enumerate(v):
+        if isinstance(x, bool) or not isinstance(x, kind):
+            raise Rejected(f"{what}[{i}]: wrong type {type(x).__name__}")
+    return v
+
+
+def _seeds(v, what: str, max_len: int) -> np.ndarray:
+    v = _list(v, what, max_len, numbers.Integral)
+    for i, s in enumerate(v):
+        if not 0 <= int(s) < _U64:
+            raise Rejected(f"{what}[{i}]: seed {int(s)} out of range [0, 2**64)")
+    return np.array([int(s) for s in v], dtype=np.uint64)
+
+
+def _floats(v, what: str, max_len: int) -> np.ndarray:
+    v = _list(v, what, max_len, numbers.Real)
+    with np.errstate(over="ignore"):
+        return np.asarray([float(x) for x in v], dtype=np.float32)
+
+
+def _record(rd, key: str, kind: str):
+    r = rd[key]
+    name = type(r).__name__
+    if name != kind:
+        raise Rejected(f"record {key!r}: expected a {kind}, got {name}")
+    return r
+
+
+def _fields(rec, key: str, required: set, optional: set = frozenset()) -> dict:
+    d = dict(rec)
+    missing = required - set(d)
+    extra = set(d) - required - set(optional)
+    if missing:
+        raise Rejected(f"record {key!r}: missing {', '.join(sorted(missing))}")
+    if extra:
+        raise Rejected(f"record {key!r}: unexpected {', '.join(sorted(extra))}")
+    return d
+
+
+def _checksum(d: dict, key: str):
+    return _int(d["checksum"], f"{key}.checksum") if "checksum" in d else None
+
+
+def _weights(rd, limits: Limits) -> WeightsMessage:
+    ar = _record(rd, "weights", "ArrayRecord")
+    meta = _fields(_record(rd, "weights.meta", "ConfigRecord"), "weights.meta",
+                   {"round", "num_samples"}, {"checksum"})
+    if list(ar.keys()) != ["state"]:
+        raise Rejected(f"record 'weights': expected one array 'state', got {list(ar.keys())}")
+    a = ar["state"]
+    if getattr(a, "dtype", None) != "float32" or tuple(getattr(a, "shape", ())) != (limits.state_size,):
+        raise Rejected(f"record 'weights': wrong dtype/shape {getattr(a, 'dtype', None)} "
+                       f"{tuple(getattr(a, 'shape', ()))}, expected float32 ({limits.state_size},)")
+    if len(a.data) > 4 * limits.state_size + 1024:
+        raise Rejected(f"record 'weights': oversized payload, {len(a.data)} bytes")
+    try:
+        vals = a.numpy()
+    except Exception as e:  # malformed .npy bytes
+        raise Rejected(f"record 'weights': cannot read the array: {e}") from None
+    if vals.dtype != np.float32 or vals.shape != (limits.state_size,):
+        raise Rejected(f"record 'weights': array data is {vals.dtype} {vals.shape}")
+    return WeightsMessage(_int(meta["round"], "weights.round"),
+                          np.ascontiguousarray(vals),
+                          _int(meta["num_samples"], "weights.num_samples"),
+                          _checksum(meta, "weights"))
+
+
+def _seeds_msg(rd, limits: Limits) -> SeedsMessage:
+    d = _fields(_record(rd, "seeds", "ConfigRecord"), "seeds", {"round", "steps", "seeds"},
+                {"checksum"})
+    return SeedsMessage(_int(d["round"], "seeds.round"),
+                        _seeds(d["seeds"], "seeds.seeds", limits.seeds_per_task),
+                        _int(d["steps"], "seeds.steps", 1, 2 ** 16), _checksum(d, "seeds"))
+
+
+def _replay(rd, limits: Limits) -> ReplayMessage:
+    d = _fields(_record(rd, "replay", "ConfigRecord"), "replay",
+                {"round", "rounds", "counts", "seeds", "coeffs"}, {"checksum"})
+    rounds = _list(d["rounds"], "replay.rounds", limits.rounds, numbers.Integral)
+    counts = _list(d["counts"], "replay.counts", limits.rounds, numbers.Integral)
+    if len(counts) != len(rounds):
+        raise Rejected(f"replay: wrong count: {len(rounds)} rounds but {len(counts)} counts")
+    cap = limits.rounds * limits.max_broadcast
+    seeds = _seeds(d["seeds"], "replay.seeds", cap)
+    coeffs = _floats(d["coeffs"], "replay.coeffs", cap)
+    counts = [_int(c, f"replay.counts[{i}]", 0, limits.max_broadcast + 1)
+              for i, c in enumerate(counts)]
+    if sum(counts) != seeds.size or seeds.size != coeffs.size:
+        raise Rejected(f"replay: wrong count: counts sum to {sum(counts)}, {seeds.size} seeds, "
+                       f"{coeffs.size} coefficients")
+    entries, off = [], 0
+    for i, (r, n) in enumerate(zip(rounds, counts)):
+        entries.append(BroadcastMessage(_int(r, f"replay.rounds[{i}]"), seeds[off:off + n],
+                                        coeffs[off:off + n]))
+        off += n
+    return ReplayMessage(_int(d["round"], "replay.round"), entries, _checksum(d, "replay"))
+
+
+def _status(rd) -> StatusMessage:
+    d = _fields(_record(rd, "status", "ConfigRecord"), "status",
+                {"round", "code", "version", "reason"}, {"checksum"})
+    if not isinstance(d["reason"], str) or len(d["reason"]) > 512:
+        raise Rejected("status.reason: expected a string of at most 512 characters")
+    return StatusMessage(_int(d["round"], "status.round"), _int(d["code"], "status.code", 0, 256),
+                         _int(d["version"], "status.version", -1, 2 ** 32 + 1), d["reason"],
+                         _checksum(d, "status"))
+
+
+def _grads(rd, limits: Limits) -> GradsMessage:
+    d = _fields(_record(rd, "grads", "MetricRecord"), "grads", {"round", "num_samples", "values"},
+                {"checksum"})
+    return GradsMessage(_int(d["round"], "grads.round"),
+                        _floats(d["values"], "grads.values", limits.seeds_per_task),
+                        _int(d["num_samples"], "grads.num_samples"), _checksum(d, "grads"))
+
+
+def _keys(rd, allowed: set) -> set:
+    if not isinstance(rd, Mapping):
+        raise Rejected(f"expected a RecordDict, got {type(rd).__name__}")
+    keys = set(rd.keys())
+    extra = keys - allowed
+    if extra:
+        raise Rejected(f"unexpected records {sorted(extra)}")
+    if ("weights" in keys) != ("weights.meta" in keys):
+        raise Rejected("records 'weights' and 'weights.meta' come together")
+    return keys
+
+
+def task_from_records(rd, limits: Limits) -> list:
+    """A task's messages (catch-up first) from its RecordDict; Rejected when malformed."""
+    keys = _keys(rd, _TASK_KEYS)
+    main = [k for k in ("seeds", "status") if k in keys]
+    if len(main) > 1:
+        raise Rejected(f"a task has one main message, got {main}")
+    if not main:  # warm-up: the global weights alone
+        if keys != {"weights", "weights.meta"}:
+            raise Rejected(f"a task needs seeds, status or weights, got {sorted(keys)}")
+        return [_weights(rd, limits)]
+    last = _seeds_msg(rd, limits) if main[0] == "seeds" else _status(rd)
+    cu = [k for k in ("replay", "weights") if k in keys]
+    if len(cu) > 1:
+        raise Rejected("a task has at most one catch-up (replay or weights)")
+    if not cu:
+        return [last]
+    return [_replay(rd, limits) if cu[0] == "replay" else _weights(rd, limits), last]
+
+
+def reply_from_records(rd, limits: Limits) -> list:
+    """A reply's message from its RecordDict; Rejected when malformed."""
+    keys = _keys(rd, _REPLY_KEYS)
+    if keys == {"grads"}:
+        return [_grads(rd, limits)]
+    if keys == {"status"}:
+        return [_status(rd)]
+    if keys == {"weights", "weights.meta"}:
+        return [_weights(rd, limits)]
+    raise Rejected(f"a reply is one of grads, status or weights, got {sorted(keys)}")
+
+
+# ------------------------------------------------------------------------------------------------
+# sizes
+# ------------------------------------------------------------------------------------------------
+def wire_bytes(obj) -> int:
+    """Serialized size of a Flower object (a Message or a RecordDict) and everything it holds:
+    the sum of ``deflate()`` over the object tree, i.e. what Flower pushes to the SuperLink."""
+    total = len(obj.deflate())
+    for child in (obj.children or {}).values():
+        total += wire_bytes(child)
+    return total
