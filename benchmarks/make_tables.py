@@ -50,6 +50,8 @@ RUN_HINTS = {
     "kernels_cpu": "python benchmarks/bench_kernels_cpu.py",
     "kernels_memory": "python benchmarks/mem_kernels.py",
     "kernels_gpu": "python benchmarks/bench_kernels_gpu.py",
+    "communication": "python benchmarks/bench_comm.py",
+    "exact_memory": "python benchmarks/mem_exact.py",
 }
 
 _MISSING = object()
@@ -255,6 +257,28 @@ def _federated_notes(rows: list[dict]) -> list[str]:
     return out
 
 
+def _comm_notes(rows: list[dict]) -> list[str]:
+    out = ["Bytes per client per round, from the serialized messages (embedded: the runner's binary "
+           "messages; Flower: the `RecordDict`s serialized as Flower sends them). ZO rounds carry "
+           "no arrays. A client that missed rounds gets the seed log replayed or the weights, "
+           "whichever is smaller (`chosen`)."]
+    for r in rows:
+        if lookup(r, "config.kind") == "catch_up_crossover":
+            out.append(f"{r['config']['model']}: replaying the log is cheaper than a download for up "
+                       f"to {r['figures']['max_missed_rounds_for_replay']:,} missed rounds "
+                       f"({r['figures']['per_round_entry_bytes']:,} B per round against "
+                       f"{r['figures']['download_bytes']:,} B of weights).")
+    return out
+
+
+def _exact_notes(rows: list[dict]) -> list[str]:
+    return ["Peak RSS of one ZO estimate (S = 1) in a fresh process against one inference forward "
+            "of the same batch. `exact` probes the perturbed weights through one reused scratch "
+            "buffer the size of the largest parameter (stored weights untouched, bit-exact "
+            "agreement); `inplace` is ZOOptimizer's +eps/-2eps/+eps (a few ulp of drift); "
+            "`snapshot` copies every parameter."]
+
+
 #: results name -> formatter(rows) -> markdown. Register new benchmarks here (see module doc).
 FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
     "kernels_cpu": column_table([
@@ -296,6 +320,21 @@ FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
         Col("ZO up B", "figures.zo_up_B", "{:.0f}"), Col("ZO down B", "figures.zo_down_B", "{:.0f}"),
         TARGET, RESULT],
         notes=_federated_notes),
+    "communication": column_table([
+        Col("model", "config.model"), Col("round", "config.kind"),
+        Col("transport", "config.transport"), Col("missed rounds", "config.missed_rounds"),
+        Col("down B", "figures.bytes_down", "{:,}"), Col("up B", "figures.bytes_up", "{:,}"),
+        Col("chosen", "figures.chosen")],
+        notes=_comm_notes,
+        skip=lambda r: (lookup(r, "config.kind") == "catch_up_crossover"
+                        or (lookup(r, "config.kind") == "catch_up"
+                            and lookup(r, "config.missed_rounds") not in (1, 10, 100)))),
+    "exact_memory": column_table([
+        Col("model", "config.model"), Col("params", "config.n_params"),
+        Col("method", "config.label"), Col("peak MiB", "figures.peak_mib", "{:.1f}"),
+        Col("extra MiB", "figures.extra_over_inference_mib", "{:.1f}"),
+        Col("x inference", "figures.ratio_to_inference", "{:.3f}")],
+        notes=_exact_notes),
 }
 
 #: Row keys that are bookkeeping, not figures, in the generic table.
