@@ -9,13 +9,20 @@
 // count. Inside a chunk, full blocks go through the fast path below; a block cut by the tensor's ends
 // (only when the caller's offset is not 128-aligned, or the last partial block) goes element by element.
 //
-// Fast path (per group of 16 blocks):
-//  1. Philox for every (block, seed) pair, 16 pairs at a time, as plain loops over 16 lanes that the
-//     compiler turns into vpmuludq/vpxor (one Philox per 128 elements; scalar Philox ran ~35 GB/s,
-//     lane-vectorized it is no longer the bottleneck).
-//  2. Signs: the bit for element j is shifted into bit 31 and XORed into the bits of -c_k, giving +c_k
-//     when the bit is 1 — a shift, an and/xor (vpternlogd) and an add per 16 elements and seed. The
-//     prototype measured masks and blends 1.1-1.6x slower than this.
+// Fast path (AVX-512, per group of 16 blocks and batch of up to 64 seeds):
+//  1. Philox for every (block, seed) pair, 16 pairs per zmm (lanes over seeds when K >= 16, else over
+//     blocks). The 32x32->64 products use vpmuludq on even and odd lanes, recombined with one
+//     merge-masked vpshufd per word; round keys are precomputed once per seed batch, and the 4
+//     independent 16-seed Philox evaluations of a block run interleaved (one at a time they are
+//     latency-bound). The words go to a small L1-resident buffer.
+//  2. Signs and sums: per seed and 16 elements, vptestmd (bit j of the broadcast word) + vpblendmd
+//     (+c or -c) + vaddps into one of the block's 8 accumulators held in registers: ~3 vector
+//     uops per 16 element-seeds, the fewest found for an exact fp32 sum in seed order (on Zen 4, where 512-bit
+//     ops take two 256-bit pipe slots, the adds alone need one cycle per 16 element-seeds).
+//  K = 1 float32 (perturb_) has its own memory-bound loop: vpsllvd + vpternlogd put bit j into the
+//  sign of -c, and the next 16 blocks' Philox rounds are spread between the current loads and stores.
+// Without AVX-512, a portable path (function multiversioning: x86-64-v3 and baseline) does the same
+// arithmetic with plain loops the compiler vectorizes.
 // Compiled with -ffp-contract=off: contracting `p * decay + acc` into an FMA would change the bits.
 #pragma once
 
@@ -210,21 +217,57 @@ struct Philox16State {
   __m512i c0, c1, c2, c3, k0, k1;
 };
 
+// The high and low words of the even-lane (e) and odd-lane (o) 64-bit products, each recombined
+// with one merge-masked vpshufd (even lanes take e's upper words, odd lanes o's lower words).
+ZO_AVX512 inline void mul_hi_lo(__m512i x, __m512i M, __m512i& hi, __m512i& lo) {
+  const __m512i e = _mm512_mul_epu32(x, M), o = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), M);
+  hi = _mm512_mask_shuffle_epi32(o, (__mmask16)0x5555, e, (_MM_PERM_ENUM)0xF5);  // _MM_SHUFFLE(3,3,1,1)
+  lo = _mm512_mask_shuffle_epi32(e, (__mmask16)0xAAAA, o, (_MM_PERM_ENUM)0xA0);  // _MM_SHUFFLE(2,2,0,0)
+}
+
 ZO_AVX512 inline void philox16_round(Philox16State& s) {
   const __m512i A = _mm512_set1_epi64(zo::kRoundA), B = _mm512_set1_epi64(zo::kRoundB);
-  const __mmask16 odd = 0xAAAA;
-  const __m512i ae = _mm512_mul_epu32(s.c0, A), ao = _mm512_mul_epu32(_mm512_srli_epi64(s.c0, 32), A);
-  const __m512i be = _mm512_mul_epu32(s.c2, B), bo = _mm512_mul_epu32(_mm512_srli_epi64(s.c2, 32), B);
-  const __m512i hiA = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(ae, 32), ao);
-  const __m512i loA = _mm512_mask_blend_epi32(odd, ae, _mm512_slli_epi64(ao, 32));
-  const __m512i hiB = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(be, 32), bo);
-  const __m512i loB = _mm512_mask_blend_epi32(odd, be, _mm512_slli_epi64(bo, 32));
+  __m512i hiA, loA, hiB, loB;
+  mul_hi_lo(s.c0, A, hiA, loA);
+  mul_hi_lo(s.c2, B, hiB, loB);
   s.c0 = _mm512_ternarylogic_epi32(hiB, s.c1, s.k0, 0x96);  // xor of three
   s.c2 = _mm512_ternarylogic_epi32(hiA, s.c3, s.k1, 0x96);
   s.c1 = loB;
   s.c3 = loA;
   s.k0 = _mm512_add_epi32(s.k0, _mm512_set1_epi32((int)zo::kKeyA));
   s.k1 = _mm512_add_epi32(s.k1, _mm512_set1_epi32((int)zo::kKeyB));
+}
+
+// M independent Philox4x32-10 evaluations on 16 lanes each, interleaved round by round (they are
+// latency-bound one at a time), with round keys read from rk[m][2 * r + {0, 1}] (precomputed).
+template <int M>
+ZO_AVX512 inline void philox16_multi(__m512i c0, __m512i c1, const __m512i (*rk)[2 * zo::kRounds],
+                                     __m512i (*out)[4]) {
+  const __m512i A = _mm512_set1_epi64(zo::kRoundA), B = _mm512_set1_epi64(zo::kRoundB);
+  __m512i x0[M], x1[M], x2[M], x3[M];
+  for (int m = 0; m < M; ++m) {
+    x0[m] = c0;
+    x1[m] = c1;
+    x2[m] = _mm512_setzero_si512();
+    x3[m] = _mm512_setzero_si512();
+  }
+  for (int r = 0; r < zo::kRounds; ++r) {
+    for (int m = 0; m < M; ++m) {
+      __m512i hiA, loA, hiB, loB;
+      mul_hi_lo(x0[m], A, hiA, loA);
+      mul_hi_lo(x2[m], B, hiB, loB);
+      x0[m] = _mm512_ternarylogic_epi32(hiB, x1[m], rk[m][2 * r], 0x96);
+      x2[m] = _mm512_ternarylogic_epi32(hiA, x3[m], rk[m][2 * r + 1], 0x96);
+      x1[m] = loB;
+      x3[m] = loA;
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    out[m][0] = x0[m];
+    out[m][1] = x1[m];
+    out[m][2] = x2[m];
+    out[m][3] = x3[m];
+  }
 }
 
 // Philox4x32-10 of counters (c0, c1, 0, 0) under keys (k0, k1) on 16 lanes.
@@ -316,6 +359,7 @@ ZO_AVX512 void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64_
   alignas(64) uint32_t planes[4][kGroup * kSeedBatch];
   alignas(64) uint32_t klo[kSeedBatch + 16], khi[kSeedBatch + 16], ncb[kSeedBatch];
   alignas(64) float accbuf[kGroup][zo::kBlock];
+  alignas(64) __m512i rk[kSeedBatch / 16][2 * zo::kRounds];
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i sh_lo = _mm512_sub_epi32(_mm512_set1_epi32(31), iota);
   const __m512i sh_hi = _mm512_sub_epi32(_mm512_set1_epi32(15), iota);
@@ -336,15 +380,33 @@ ZO_AVX512 void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64_
       const int sg = over_seeds ? KB : 1, sk = over_seeds ? 1 : kGroup;
       __m512i out[4];
       if (over_seeds) {
+        // Round keys of the batch's seeds (16 per vector; lanes past KB hold zero keys and are
+        // never stored), shared by every block of the group.
+        const int nv = (KB + 15) / 16;
+        for (int v = 0; v < nv; ++v) {
+          const __mmask16 m = (__mmask16)((KB - 16 * v) >= 16 ? 0xffff : ((1u << (KB - 16 * v)) - 1u));
+          __m512i k0 = _mm512_maskz_loadu_epi32(m, klo + 16 * v);
+          __m512i k1 = _mm512_maskz_loadu_epi32(m, khi + 16 * v);
+          for (int r = 0; r < zo::kRounds; ++r) {
+            rk[v][2 * r] = k0;
+            rk[v][2 * r + 1] = k1;
+            k0 = _mm512_add_epi32(k0, _mm512_set1_epi32((int)zo::kKeyA));
+            k1 = _mm512_add_epi32(k1, _mm512_set1_epi32((int)zo::kKeyB));
+          }
+        }
         for (int g = 0; g < G; ++g) {
           const uint64_t b = bfirst + (uint64_t)g;
           const __m512i cb0 = _mm512_set1_epi32((int)(uint32_t)(b & 0xffffffffu));
           const __m512i cb1 = _mm512_set1_epi32((int)(uint32_t)(b >> 32));
-          for (int k0 = 0; k0 < KB; k0 += 16) {
+          __m512i outs[4][4];
+          int v = 0;
+          for (; v + 4 <= nv; v += 4) philox16_multi<4>(cb0, cb1, rk + v, outs + v);
+          for (; v + 2 <= nv; v += 2) philox16_multi<2>(cb0, cb1, rk + v, outs + v);
+          for (; v < nv; ++v) philox16_multi<1>(cb0, cb1, rk + v, outs + v);
+          for (v = 0; v < nv; ++v) {
+            const int k0 = 16 * v;
             const __mmask16 m = (__mmask16)((KB - k0) >= 16 ? 0xffff : ((1u << (KB - k0)) - 1u));
-            philox16(cb0, cb1, _mm512_maskz_loadu_epi32(m, klo + k0),
-                     _mm512_maskz_loadu_epi32(m, khi + k0), out);
-            for (int q = 0; q < 4; ++q) _mm512_mask_storeu_epi32(planes[q] + g * sg + k0, m, out[q]);
+            for (int q = 0; q < 4; ++q) _mm512_mask_storeu_epi32(planes[q] + g * sg + k0, m, outs[v][q]);
           }
         }
       } else if (KB > 0) {
@@ -383,14 +445,14 @@ ZO_AVX512 void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64_
         }
         for (int k = kstart; k < KB; ++k) {
           const __m512i nc = _mm512_set1_epi32((int)ncb[k]);
+          const __m512i pc = _mm512_xor_si512(nc, sign);
           const int idx = g * sg + k * sk;
           for (int q = 0; q < 4; ++q) {
-            // vptestmd picks the lanes whose bit is set, a masked XOR flips -c to +c there
-            // (measured 3-5% faster than vpsllvd + vpternlogd on this Zen 4; a 64-bit-lane Philox
-            // and precomputed round keys were tried too and were not faster).
+            // vptestmd picks the lanes whose bit is set, vpblendmd takes +c there and -c elsewhere
+            // (non-destructive, so no register copies; a merge-masked XOR needed one per use).
             const __m512i w = _mm512_set1_epi32((int)planes[q][idx]);
-            const __m512i t0 = _mm512_mask_xor_epi32(nc, _mm512_test_epi32_mask(w, bit_lo), nc, sign);
-            const __m512i t1 = _mm512_mask_xor_epi32(nc, _mm512_test_epi32_mask(w, bit_hi), nc, sign);
+            const __m512i t0 = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(w, bit_lo), nc, pc);
+            const __m512i t1 = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(w, bit_hi), nc, pc);
             acc[2 * q] = _mm512_add_ps(acc[2 * q], _mm512_castsi512_ps(t0));
             acc[2 * q + 1] = _mm512_add_ps(acc[2 * q + 1], _mm512_castsi512_ps(t1));
           }
