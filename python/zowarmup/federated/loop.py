@@ -35,6 +35,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -443,8 +444,11 @@ class Runner:
         bar = None
         if self.progress:
             from tqdm.auto import tqdm
+            # Redirected to a file or a CI log, redraw at most every 10 s instead of every round.
+            tty = getattr(sys.stderr, "isatty", lambda: False)()
             bar = tqdm(total=R, initial=start, desc=f"{METHOD_LABELS[cfg.method]} seed {cfg.seed}",
-                       unit="round", leave=True, dynamic_ncols=True)
+                       unit="round", leave=True, dynamic_ncols=True,
+                       mininterval=0.1 if tty else 10.0)
         t_train = time.perf_counter()
         phase_time: dict[str, float] = {}
         with open(self._metrics_path(), "a") as mf:
