@@ -52,6 +52,7 @@ RUN_HINTS = {
     "kernels_gpu": "python benchmarks/bench_kernels_gpu.py",
     "communication": "python benchmarks/bench_comm.py",
     "exact_memory": "python benchmarks/mem_exact.py",
+    "cpu_variants": "python benchmarks/bench_cpu_variants.py",
 }
 
 _MISSING = object()
@@ -279,6 +280,22 @@ def _exact_notes(rows: list[dict]) -> list[str]:
             "`snapshot` copies every parameter."]
 
 
+def _cpu_variants_notes(rows: list[dict]) -> list[str]:
+    acc = [lookup(r, "figures.ns_per_16_element_seeds") for r in rows
+           if lookup(r, "config.part") == "accumulate" and lookup(r, "figures.bit_exact") is True]
+    phx = [lookup(r, "figures.ns_per_16_lanes") for r in rows
+           if lookup(r, "config.part") == "philox" and lookup(r, "figures.bit_exact") is True]
+    out = ["Single thread, data in L1, medians over fresh runs; `bit exact`: the variant's sums equal "
+           "the first variant's bit for bit (accumulate) or a scalar Philox4x32-10 (philox). One "
+           "16-lane Philox serves 128 elements x 16 seeds, i.e. 128 groups of 16 element-seeds."]
+    if acc and phx:
+        floor = min(acc) + min(phx) / 128
+        out.append(f"Fastest accumulate + fastest Philox: {floor:.3f} ns per 16 element-seeds per "
+                   f"thread = {floor / 16:.4f} ns per element per seed per thread, before any memory "
+                   "traffic: the cheapest combination measured for `apply_seeds_` with many seeds.")
+    return out
+
+
 #: results name -> formatter(rows) -> markdown. Register new benchmarks here (see module doc).
 FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
     "kernels_cpu": column_table([
@@ -329,6 +346,13 @@ FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
         skip=lambda r: (lookup(r, "config.kind") == "catch_up_crossover"
                         or (lookup(r, "config.kind") == "catch_up"
                             and lookup(r, "config.missed_rounds") not in (1, 10, 100)))),
+    "cpu_variants": column_table([
+        Col("part", "config.part"), Col("variant", "config.variant"),
+        Col("ns / 16 element-seeds", "figures.ns_per_16_element_seeds", "{:.3f}"),
+        Col("ns / 16-lane Philox", "figures.ns_per_16_lanes", "{:.1f}"),
+        Col("~cycles / 16 element-seeds", "figures.cycles_per_16_element_seeds", "{:.2f}"),
+        Col("bit exact", "figures.bit_exact")],
+        notes=_cpu_variants_notes),
     "exact_memory": column_table([
         Col("model", "config.model"), Col("params", "config.n_params"),
         Col("method", "config.label"), Col("peak MiB", "figures.peak_mib", "{:.1f}"),
