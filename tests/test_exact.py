@@ -100,6 +100,32 @@ def test_unsupported_parameter_use_is_detected():
     assert not check_exact_supported(Tied(), torch.randn(2, 4))
 
 
+class _BypassesHooks(torch.nn.Module):
+    """Calls its layer's forward directly, so no hook fires: exact mode would see w, not w + a z."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc.forward(x.flatten(1))
+
+
+def test_exact_mode_refuses_an_unsupported_model_before_training(digits, monkeypatch, tmp_path):
+    from zowarmup.federated import loop
+    from zowarmup.federated.replica import build_replica
+    cfg = tiny("zo.exact=true")
+    with pytest.raises(ValueError, match="zo.exact"):
+        build_replica(cfg, digits, 0, model=_BypassesHooks())
+    assert not build_replica(tiny(), digits, 0, model=_BypassesHooks()).exact  # snapshot: fine
+    assert build_replica(cfg, digits, 0).exact                  # a supported model: fine
+    # the embedded runner refuses at setup, before any round
+    monkeypatch.setattr(loop, "build_global_model", lambda cfg, ds: _BypassesHooks())
+    with pytest.raises(ValueError, match="zo.exact"):
+        Runner(cfg, tmp_path / "run", dataset=digits).run()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_exact_estimate_matches_materialized_reference_and_uses_one_layer_of_memory():
     torch.manual_seed(1)
     model = build_model("mlp", 10, 1, 8, norm="none", hidden=(128,)).eval()

@@ -195,6 +195,29 @@ def test_nan_replies_are_dropped_and_do_not_touch_the_update(digits):
     assert res3.dropped == [0] and res3.kept == [1]
 
 
+def test_tied_parameters_get_the_server_optimizer_update():
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(4, 4, bias=False)
+            self.b = torch.nn.Linear(4, 4, bias=False)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    torch.manual_seed(0)
+    m = Tied()
+    lay = StateLayout(m)
+    assert [e.is_param for e in lay.entries] == [True, True] and lay.buffer_slices() == []
+    server = Server(tiny("warmup.server_lr=0.5"), m, 10)
+    x = lay.flatten(m)
+    server.aggregate_weights(0, {0: M.WeightsMessage(0, x + np.float32(1.0), 30)})
+    want = torch.from_numpy(x[:16] + np.float32(0.5)).reshape(4, 4)  # x + server_lr * delta
+    assert torch.allclose(m.a.weight.detach(), want, atol=1e-6)
+    assert m.b.weight is m.a.weight
+
+
 def test_fedkseed_aggregation_matches_reference(digits):
     cfg = tiny("fedkseed.pool_size=16", "fedkseed.local_steps=5", method="fedkseed")
     server = Server(cfg, _model(), 4)

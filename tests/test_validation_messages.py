@@ -15,6 +15,7 @@ from zowarmup.federated.config import RunConfig, apply_overrides, validate
 from zowarmup.federated.deploy import in_memory_deployment
 from zowarmup.federated.replica import build_replica
 from zowarmup.federated.server import Server
+from zowarmup.federated.state import state_checksum, states_equal
 from zowarmup.federated.validation import Rejected, decode_checked
 
 TINY = ["num_seeds=1", "baselines=[]", "data.num_clients=10", "data.hi_fraction=0.3",
@@ -40,15 +41,20 @@ def server(digits):
     return srv
 
 
+def _log_bytes(srv):
+    # serialized copies: comparing the log's message objects would pass by identity
+    return {r: None if m is None else m.to_bytes() for r, m in srv.log.items()}
+
+
 def _server_state(srv):
-    return (copy.deepcopy(srv.model.state_dict()), srv.held.copy(), dict(srv.log),
+    return (copy.deepcopy(srv.model.state_dict()), srv.held.copy(), _log_bytes(srv),
             srv.registered.copy())
 
 
 def _unchanged(srv, st):
     sd, held, logd, reg = st
     return (all(torch.equal(a, b) for a, b in zip(sd.values(), srv.model.state_dict().values()))
-            and np.array_equal(held, srv.held) and logd == srv.log
+            and np.array_equal(held, srv.held) and logd == _log_bytes(srv)
             and np.array_equal(reg, srv.registered))
 
 
@@ -227,6 +233,7 @@ BAD_TASKS = {
     "seeds out of range": (lambda rep: [_seeds_int64()], "dtype"),
     "stale round": (lambda rep: [_seeds(round=1).to_bytes()], "stale"),
     "future round": (lambda rep: [_seeds(round=6).to_bytes()], "future"),
+    "warm-up task in phase 2": (lambda rep: [M.WeightsMessage(4, rep.layout.flatten(rep.model)).to_bytes()], "warm-up"),
     "oversized seeds": (lambda rep: [_seeds(seeds=np.arange(10 ** 4, dtype=np.uint64)).to_bytes()], "oversized"),
     "nan coefficient in replay": (lambda rep: [_replay_nan().to_bytes(), _seeds().to_bytes()], "non-finite"),
     "replay with a gap": (lambda rep: [M.ReplayMessage(R, [_bcast(0), _bcast(2)]).to_bytes(), _seeds().to_bytes()], "consecutive"),
@@ -262,7 +269,6 @@ def test_client_rejects_each_kind_of_bad_task_without_state_change(replica, kind
 def test_malicious_client_in_a_deployment_is_rejected_counted_and_the_round_goes_on(digits):
     cfg = cfg_for("rounds=5", "pivot=0", "zo.clients_per_round=10")
     coord, replicas = in_memory_deployment(cfg, digits)
-    honest = copy.deepcopy(coord.model)
     bad = iter([[b"\0" * 9], [M.GradsMessage(1, [np.nan] * S, 30, 0).to_bytes()],
                 [M.GradsMessage(2, [1e3] * S, 10 ** 6, 0).to_bytes()],
                 [M.GradsMessage(99, [1.0] * S, 30, 0).to_bytes()], "garbage"])
@@ -277,4 +283,98 @@ def test_malicious_client_in_a_deployment_is_rejected_counted_and_the_round_goes
     assert s["final_sync"]["in_sync"] == [c for c in range(10) if c != 4]
     assert s["final_sync"]["mismatch"] == [4]  # its repair was rejected too
     # the honest clients' run: the same as a run without client 4's replies
-    del honest
+    honest, honest_replicas = in_memory_deployment(cfg, digits, drop=lambda r, c: c == 4)
+    honest.run()
+    assert states_equal(coord.model, honest.model)
+    assert all(states_equal(replicas[c].model, coord.model) for c in range(10) if c != 4)
+
+
+@pytest.mark.parametrize("wrong", ["kseed", "weights"])
+def test_a_zo_reply_of_the_wrong_kind_is_rejected_and_counted(digits, wrong):
+    cfg = cfg_for("rounds=3", "pivot=0", "zo.clients_per_round=10")
+    coord, replicas = in_memory_deployment(cfg, digits)
+    n4 = replicas[4].client.num_samples
+
+    def evil(payloads):
+        task = M.decode(payloads[-1])
+        if wrong == "kseed":
+            m = M.KSeedUpdate(task.round, np.zeros(0, np.uint32), np.zeros(0, np.float32), n4,
+                              task.checksum)
+        else:  # a well-formed weights reply stamped with the right checksum
+            m = M.WeightsMessage(task.round, coord.server.layout.flatten(coord.model), n4,
+                                 task.checksum)
+        return [m.to_bytes()]
+
+    replicas[4].handle = evil
+    rec = coord.run_round(0)
+    assert rec["rejected"] == [4] and rec["dropped_clients"] == [4] and rec["kept"] == 9
+    assert coord.server.rejected[4] == 1 and coord.server.rejected.sum() == 1
+    assert not rec["desync"] and not rec["failed"]
+    reason = coord.server.rejections[-1][2]
+    assert "wrong message type" in reason or "largest legal GRADS/STATUS" in reason, reason
+
+
+def test_forged_future_round_task_changes_nothing_and_the_genuine_rounds_still_run(digits):
+    """A task for a round the client cannot legitimately see yet (still inside the run) must not
+    move its last round, version or weights: it then takes part in the genuine next round, and
+    the run ends bit for bit as without the forgery."""
+    cfg = cfg_for("zo.clients_per_round=10")       # rounds=6, pivot=2: every client every round
+    coord, replicas = in_memory_deployment(cfg, digits)
+    ref, _ = in_memory_deployment(cfg, digits)
+    ref.run()
+    for r in range(3):
+        coord.run_round(r)
+    victim = replicas[6]
+    assert victim.version == 2 and victim.last_round == 2
+    ck = coord.server.checksum()
+    st = _replica_state(victim)
+    forged = [
+        [_seeds(round=5).to_bytes()],                      # no catch-up: not its version
+        [_seeds(round=5, checksum=ck).to_bytes()],
+        [_seeds(round=4, checksum=ck).to_bytes()],
+        [_seeds(round=2, checksum=ck).to_bytes()],        # its round, another checksum
+        [M.WeightsMessage(4, victim.layout.flatten(victim.model)).to_bytes()],  # warm-up in phase 2
+        [M.StatusMessage(5, M.Status.OK, 5, "", ck).to_bytes()],  # sync to a future version
+    ]
+    for f in forged:
+        out = M.decode(victim.handle(f)[0])
+        assert isinstance(out, M.StatusMessage), out
+        assert out.code in (M.Status.DESYNC, M.Status.REJECTED), out
+        assert _replica_unchanged(victim, st), f
+    recs = [coord.run_round(r) for r in range(3, 6)]
+    for rec in recs:
+        assert 6 not in rec["dropped_clients"] and 6 not in rec["desync"], rec
+        assert rec["kept"] == 10
+    assert victim.last_round == 5 and victim.version == 5
+    report = coord.sync_all()
+    assert report["in_sync"] == list(range(10)) and not report["repaired"]
+    assert states_equal(victim.model, coord.model)
+    assert states_equal(coord.model, ref.model)
+    # a SEEDS task can not claim a warm-up round either (fresh client, nothing seen yet)
+    fresh = build_replica(cfg, digits, 3)
+    st = _replica_state(fresh)
+    out = M.decode(fresh.handle([_seeds(round=1).to_bytes()])[0])
+    assert out.code == M.Status.REJECTED and "warm-up" in out.reason
+    assert _replica_unchanged(fresh, st)
+
+
+def test_weights_download_is_verified_before_it_is_loaded(replica):
+    ck = replica.checksum()
+    good = replica.layout.flatten(replica.model)
+    bad = good.copy()
+    bad[:100] = 0.0                                     # tampered, still claims the checksum
+    st = _replica_state(replica)
+    for cu in (M.WeightsMessage(R, bad, 0, ck), M.WeightsMessage(R, bad, 0, None),
+               M.WeightsMessage(R, good, 0, (ck + 1) % 2 ** 32)):
+        out = M.decode(replica.handle([cu.to_bytes(), _seeds(checksum=ck).to_bytes()])[0])
+        assert out.code == M.Status.REJECTED and "checksum" in out.reason, out.reason
+        assert _replica_unchanged(replica, st)
+    # a download that matches its checksum is loaded and the task runs on it
+    other = copy.deepcopy(replica.model)
+    replica.layout.load(other, good + np.float32(0.25))
+    ck2 = state_checksum(other)
+    out = M.decode(replica.handle([M.WeightsMessage(R, good + np.float32(0.25), 0, ck2).to_bytes(),
+                                   _seeds(checksum=ck2).to_bytes()])[0])
+    assert isinstance(out, M.GradsMessage) and out.checksum == ck2
+    assert replica.version == R and replica.last_round == R
+    assert states_equal(replica.model, other)

@@ -20,7 +20,8 @@ Per round (``r``, version ``r`` = the global model after r rounds):
 - ZO: each sampled client gets a catch-up -- nothing, the seed log since the version it holds, or
   the weights, whichever is smallest (:meth:`Server.catch_up_message`) -- and its seeds, stamped
   with the server's state checksum. It replies with its projected gradients stamped with its own
-  checksum, or ``DESYNC`` when its state does not match after catching up. A mismatch (either way)
+  checksum, or ``DESYNC`` when its state does not match after catching up (a reply of any other
+  kind is rejected and counted against the sender). A mismatch (either way)
   is logged and repaired at once, within the round's deadline, by a weights download and a retry.
   The kept replies are aggregated by :meth:`Server.aggregate_zo` exactly as in the embedded runner;
   the broadcast is not pushed: it is the first entry of the client's next replay.
@@ -270,7 +271,7 @@ class Coordinator:
                     rec["timed_out"].append(c)
                 srv.held[c] = before[c] if attempt == 0 else NO_MODEL
                 continue
-            m = self._one_reply(c, replies[c], r, task=seeds[c])
+            m = self._one_reply(c, replies[c], r, task=seeds[c], kind=("grads", "status"))
             if m is None:
                 rec["rejected"].append(c)
                 srv.held[c] = before[c]

@@ -35,7 +35,9 @@ Requirement: a parameter is used only inside the forward of the module that owns
 module nested in that forward). That holds for every model in :mod:`zowarmup.models` and for
 standard layers; a model that reads another module's parameter from outside (e.g. a tied
 embedding read by a head through ``F.linear(x, self.embed.weight)``) would see the unperturbed
-value there -- :func:`check_exact_supported` detects it.
+value there -- :func:`check_exact_supported` detects it, and :func:`require_exact_supported`
+(called wherever exact mode is switched on: :class:`.replica.ClientReplica`, the embedded
+:class:`.loop.Runner`) turns it into an error before any training.
 """
 from __future__ import annotations
 
@@ -250,3 +252,22 @@ def check_exact_supported(model: nn.Module, x: torch.Tensor, seed: int = 12345,
     with sp.hooks(), sp.perturb(seed, alpha):
         got = model(x)
     return bool(torch.equal(want, got))
+
+
+def require_exact_supported(model: nn.Module, x: torch.Tensor, dist: str = "rademacher",
+                            backend: str | None = None) -> None:
+    """Raise ``ValueError`` unless :func:`check_exact_supported` holds for ``model`` on input
+    ``x`` (a few samples). Once, where exact mode is switched on, before any training; the
+    model's train/eval mode is restored."""
+    was = model.training
+    try:
+        ok = check_exact_supported(model, x, dist=dist, backend=backend)
+    finally:
+        model.train(was)
+    if not ok:
+        raise ValueError(
+            f"zo.exact: {type(model).__name__} is not supported by the exact (scratch-buffer) "
+            "evaluation: a parameter is read outside the forward of the module that owns it (e.g. "
+            "a tied weight used through F.linear, or a submodule's forward called directly), so "
+            "the perturbed forwards would see unperturbed weights. Set zo.exact=false (in-place "
+            "step with a parameter snapshot)")

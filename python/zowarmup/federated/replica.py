@@ -10,13 +10,17 @@ and scalars travel. :class:`ClientReplica` is that client: it wraps the same :cl
   e.g. after local SGD in the warm-up);
 - catch-up: a :class:`~.messages.ReplayMessage` of the seed log (applied round by round with
   ``apply_seeds_``, skipping rounds it already has) or a weights download;
-- checksums: every ZO task names the server's state checksum; after catching up the client
-  compares its own and, on a mismatch, answers ``DESYNC`` instead of probing a wrong model (the
-  server repairs it with a weights download). Its gradients carry its checksum;
+- checksums: every ZO task names the server's state checksum; a weights download is checked
+  against it before it is loaded (a mismatch is rejected); after catching up the client compares
+  its own and, on a mismatch, answers ``DESYNC`` instead of probing a wrong model (the server
+  repairs it with a weights download). Its gradients carry its checksum;
 - exact ZO evaluation: ``zo.exact`` (scratch buffer, :mod:`.exact`) or a parameter snapshot, so
   probing never moves the stored weights;
 - validation of everything the server sends (:mod:`.validation`); a rejected message changes
-  nothing and is answered with ``REJECTED`` and the reason.
+  nothing and is answered with ``REJECTED`` and the reason. A task that does not fit the version
+  the client holds (a round it cannot have reached without a catch-up, e.g. a forged future round)
+  is answered with ``DESYNC`` (the server's repair request) and changes nothing either: the last
+  round seen advances only when a task has passed every check.
 
 :meth:`ClientReplica.handle` takes the task's serialized messages and returns the reply's; the
 Flower ClientApp and the in-memory transport both call it.
@@ -42,8 +46,8 @@ from torch import nn
 from .client import Client, apply_broadcast
 from .messages import MsgType, Status, StatusMessage
 from .state import StateLayout, state_checksum
-from .validation import (Limits, Rejected, check_replay, check_seeds_task, check_task_round,
-                         check_weights_download, decode_checked)
+from .validation import (Limits, Rejected, _check_checksum, check_replay, check_seeds_task,
+                         check_task_round, check_weights_download, decode_checked)
 
 log = logging.getLogger("zowarmup.federated")
 
@@ -61,7 +65,8 @@ class ClientReplica:
         version: the version ``model`` holds (0 for a fresh initial model).
         exact: evaluate ZO perturbations in a scratch buffer (``True``, ``zo.exact``) instead of
             in place with a parameter snapshot (``False``); either way the stored weights end
-            bit-identical.
+            bit-identical. Exact mode checks the model first
+            (:func:`.exact.require_exact_supported`: ``ValueError`` when unsupported).
     """
 
     def __init__(self, client: Client, model: nn.Module, limits: Limits, version: int = 0,
@@ -73,6 +78,10 @@ class ClientReplica:
         self.version = int(version)
         self.last_round = 0
         self.exact = client.zo.exact if exact is None else bool(exact)
+        if self.exact and client.num_samples:
+            from .exact import require_exact_supported
+            require_exact_supported(model, client.x[:2], client.zo.dist,
+                                    None if client.zo.backend == "auto" else client.zo.backend)
         #: (round, reason) of rejected server messages.
         self.rejections: list[tuple[int, str]] = []
 
@@ -133,7 +142,7 @@ class ClientReplica:
         # validate everything before anything is applied
         last = msgs[-1]
         if last.TYPE == MsgType.WEIGHTS:       # warm-up
-            check_task_round(last.round, self.last_round, lim, "WEIGHTS")
+            check_task_round(last.round, self.last_round, lim, "WEIGHTS", "warmup")
             check_weights_download(last, lim)
         elif last.TYPE == MsgType.SEEDS:
             check_seeds_task(last, self.last_round, lim)
@@ -145,6 +154,7 @@ class ClientReplica:
                     not self.last_round <= int(last.round) <= lim.rounds:
                 raise Rejected(f"STATUS sync request: round {last.round!r} is stale or outside "
                                f"the run (last seen {self.last_round}, {lim.rounds} rounds)")
+            _check_checksum(last, "STATUS")
         else:
             raise Rejected(f"unexpected task message {last.TYPE.name}")
         if len(msgs) == 2:
@@ -154,9 +164,24 @@ class ClientReplica:
                                f"{last.round}")
             if cu.TYPE == MsgType.WEIGHTS:
                 check_weights_download(cu, lim)
+                self._check_download_checksum(cu, last)
             else:  # structure only; whether it fits this client's version is _catch_up's call
                 check_replay(cu, int(cu.round), lim)
         return msgs
+
+    def _check_download_checksum(self, cu, last) -> None:
+        """A weights download must match the checksum it (or its task) names, before loading."""
+        mine, task = cu.checksum, last.checksum
+        if mine is not None and task is not None and int(mine) != int(task):
+            raise Rejected(f"WEIGHTS download: checksum {int(mine):08x} differs from the task's "
+                           f"{int(task):08x}")
+        want = task if task is not None else mine
+        if want is None:
+            return
+        got = self.layout.checksum(cu.values)
+        if got != int(want):
+            raise Rejected(f"WEIGHTS download: its values have checksum {got:08x}, not the "
+                           f"{int(want):08x} it claims (not loaded)")
 
     def _catch_up(self, cu, target: int) -> StatusMessage | None:
         """Apply a catch-up; None when the model now holds version ``target``, else a DESYNC
@@ -187,13 +212,17 @@ class ClientReplica:
         last = msgs[-1]
         cu = msgs[0] if len(msgs) == 2 else None
         r = int(last.round)
-        self.last_round = r
         if last.TYPE == MsgType.WEIGHTS:  # warm-up: local SGD from the global state
             reply = self.client.fit_warmup(self.model, last, self.layout)
             self.version = NO_MODEL
+            self.last_round = r
             return [reply]
+        # the task must fit this client's version (after its catch-up) and the named checksum;
+        # until both hold, its round is not taken as seen (a forged future round changes nothing)
         out = self._catch_up(cu, r)
         if out is not None:
+            log.warning("client %d: task for round %d does not fit: %s", self.client.cid, r,
+                        out.reason)
             return [out]
         mine = self.checksum()
         want = last.checksum
@@ -201,10 +230,12 @@ class ClientReplica:
             log.warning("client %d: state checksum %08x differs from the server's %08x at "
                         "version %d: asking for a weights download", self.client.cid, mine, want,
                         r)
-            self.version = NO_MODEL
-            return [StatusMessage(r, Status.DESYNC, NO_MODEL,
+            if cu is not None:  # the replay moved the weights: they hold no known version now
+                self.version = NO_MODEL
+            return [StatusMessage(r, Status.DESYNC, self.version,
                                   f"checksum {mine:08x} != server's {want:08x} at version {r}",
                                   mine)]
+        self.last_round = r
         if last.TYPE == MsgType.STATUS:  # sync request
             return [StatusMessage(r, Status.OK, self.version, "", mine)]
         try:

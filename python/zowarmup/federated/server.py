@@ -182,15 +182,16 @@ class Server:
         del self.rejections[:-self.MAX_REJECTIONS]
 
     def accept(self, cid: int, payload, round_idx: int, task: SeedsMessage | None = None,
-               kind: str | None = None, require_checksum: bool = False):
+               kind: str | tuple | None = None, require_checksum: bool = False):
         """Validate client ``cid``'s reply for round ``round_idx`` before it is used.
 
         Args:
             cid: the sender's client id (must be in ``[0, N)``).
             payload: serialized bytes or a decoded message.
             task: the SeedsMessage the client was given (ZO replies are checked against it).
-            kind: ``"weights"``, ``"grads"``, ``"kseed"`` or ``"status"``; None: any of them
-                (by the message's type; a GradsMessage needs ``task``).
+            kind: ``"weights"``, ``"grads"``, ``"kseed"`` or ``"status"``, or a tuple of them
+                (the reply may be any of those); None: any kind (by the message's type; a
+                GradsMessage needs ``task``). Another kind is rejected.
             require_checksum: ZO replies must carry a state checksum.
 
         Returns:
@@ -203,9 +204,10 @@ class Server:
                 raise Rejected(f"unknown sender {cid!r} (clients are 0..{self.num_clients - 1})")
             kinds = {"weights": MsgType.WEIGHTS, "grads": MsgType.GRADS,
                      "kseed": MsgType.KSEED_UPDATE, "status": MsgType.STATUS}
-            if kind is not None and kind not in kinds:
+            ks = (kind,) if isinstance(kind, str) else tuple(kind or ())
+            if any(k not in kinds for k in ks):
                 raise ValueError(f"accept: unknown kind {kind!r}")
-            want = (kinds[kind],) if kind else tuple(kinds.values())
+            want = tuple(kinds[k] for k in ks) if ks else tuple(kinds.values())
             msg = payload
             if not hasattr(payload, "TYPE"):
                 msg = decode_checked(payload, want, self.limits)

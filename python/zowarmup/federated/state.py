@@ -2,7 +2,9 @@
 
 The flat layout is the model's ``state_dict()`` order: every parameter and buffer flattened
 (row-major) and concatenated. Integer buffers (BatchNorm's ``num_batches_tracked``) travel as float32
-(exact below 2**24) and are rounded back.
+(exact below 2**24) and are rounded back. A parameter shared by several modules (tied weights)
+appears once per name, like in ``state_dict()``; every copy is a parameter entry, so the server
+optimizer's update reaches it (it is not averaged like a buffer).
 """
 from __future__ import annotations
 
@@ -34,11 +36,12 @@ class StateLayout:
 
     def __init__(self, model: nn.Module):
         sd = model.state_dict(keep_vars=True)
-        params = dict(model.named_parameters())
+        # by identity: a tied parameter's second name is missing from named_parameters()
+        params = {id(p) for p in model.parameters()}
         self.param_names = [n for n, _ in model.named_parameters()]
         entries, off = [], 0
         for name, t in sd.items():
-            entries.append(_Entry(name, tuple(t.shape), t.numel(), off, name in params, t.dtype))
+            entries.append(_Entry(name, tuple(t.shape), t.numel(), off, id(t) in params, t.dtype))
             off += t.numel()
         self.entries = entries
         self.size = off
@@ -69,6 +72,23 @@ class StateLayout:
                 if not e.dtype.is_floating_point:
                     src = torch.round(src)
                 t.copy_(src.to(t.device, t.dtype))
+
+    def checksum(self, flat: np.ndarray) -> int:
+        """:func:`state_checksum` a model would have after :meth:`load` of ``flat`` (each entry in
+        its own dtype), computed without loading: a download is verified before it is used."""
+        import zlib
+        flat = np.asarray(flat)
+        if flat.shape != (self.size,):
+            raise ValueError(f"flat state has shape {flat.shape}; this model needs ({self.size},)")
+        crc = 0
+        for e in self.entries:
+            if e.numel == 0:
+                continue
+            src = torch.from_numpy(np.ascontiguousarray(flat[e.offset:e.offset + e.numel]))
+            if not e.dtype.is_floating_point:
+                src = torch.round(src)
+            crc = zlib.crc32(src.to(e.dtype).contiguous().view(torch.uint8).numpy(), crc)
+        return crc & 0xFFFFFFFF
 
     def param_slices(self) -> list[slice]:
         """For each parameter in ``model.parameters()`` order, its slice of the flat vector."""

@@ -20,7 +20,13 @@ What is checked, by message:
 - client -> server, KSeedUpdate: indices inside the pool, strictly increasing, at most one per
   local step; values finite.
 - server -> client, SeedsMessage: ``steps`` and the seed count equal the run's ``local_steps`` and
-  ``S * local_steps``; the round not older than the client's last and inside the run.
+  ``S * local_steps``; the round not older than the client's last, inside the run and in phase 2
+  (a warm-up task's round in phase 1). A round the client cannot see yet (the task does not fit
+  the version it holds) is the replica's check (:class:`.replica.ClientReplica`), which changes
+  nothing, its last round included, until every check has passed.
+- server -> client, WeightsMessage (a download): finite values of the state's size; when the task
+  names a checksum, the values' checksum (:meth:`.state.StateLayout.checksum`) must equal it
+  before anything is loaded.
 - server -> client, BroadcastMessage / ReplayMessage: entry counts bounded, coefficients finite,
   replay entries for consecutive rounds ending right before the task's round.
 
@@ -61,6 +67,8 @@ class Limits:
         max_broadcast: most (seed, coeff) entries one round's broadcast can hold.
         pool_size: FedKSeed pool size K (0 when unused).
         kseed_steps: FedKSeed local steps (most entries of a KSeedUpdate).
+        pivot: first phase-2 round (warm-up tasks come before it, ZO tasks from it on); None:
+            unknown (no phase check).
     """
     state_size: int
     seeds_per_task: int
@@ -70,6 +78,7 @@ class Limits:
     max_broadcast: int
     pool_size: int = 0
     kseed_steps: int = 0
+    pivot: int | None = None
 
     @classmethod
     def from_config(cls, cfg, state_size: int) -> "Limits":
@@ -83,7 +92,8 @@ class Limits:
             mb = max(mb, k.pool_size)
         return cls(state_size=int(state_size), seeds_per_task=per, local_steps=z.local_steps,
                    num_clients=n, rounds=cfg.rounds, max_broadcast=mb,
-                   pool_size=k.pool_size if kseed else 0, kseed_steps=k.local_steps if kseed else 0)
+                   pool_size=k.pool_size if kseed else 0, kseed_steps=k.local_steps if kseed else 0,
+                   pivot=cfg.effective_pivot())
 
     def max_bytes(self, t: MsgType) -> int:
         """Size of the largest legal serialized message of type ``t`` (checksum included)."""
@@ -260,8 +270,10 @@ def check_status(msg, round_idx: int) -> StatusMessage:
 
 
 # -- server -> client ----------------------------------------------------------------------------
-def check_task_round(r, last_round: int, limits: Limits, what: str) -> int:
-    """A task's round: an integer, not older than the client's last task, inside the run."""
+def check_task_round(r, last_round: int, limits: Limits, what: str, phase: str | None = None
+                     ) -> int:
+    """A task's round: an integer, not older than the client's last task, inside the run, and
+    (``phase`` ``"warmup"`` or ``"zo"``, when ``limits.pivot`` is known) inside that phase."""
     if not _is_int(r):
         raise Rejected(f"{what}: round must be an integer, got {type(r).__name__}")
     r = int(r)
@@ -269,6 +281,12 @@ def check_task_round(r, last_round: int, limits: Limits, what: str) -> int:
         raise Rejected(f"{what}: stale round {r} (this client already saw round {last_round})")
     if r >= limits.rounds:
         raise Rejected(f"{what}: round {r} is from the future (the run has {limits.rounds} rounds)")
+    if limits.pivot is not None and phase == "warmup" and r >= limits.pivot:
+        raise Rejected(f"{what}: round {r} is not a warm-up round (phase 2 starts at round "
+                       f"{limits.pivot})")
+    if limits.pivot is not None and phase == "zo" and r < limits.pivot:
+        raise Rejected(f"{what}: round {r} is a warm-up round (phase 2 starts at round "
+                       f"{limits.pivot})")
     return r
 
 
@@ -276,7 +294,7 @@ def check_seeds_task(msg, last_round: int, limits: Limits) -> SeedsMessage:
     """The server's ZO task: the run's step count and S seeds per step, a plausible round."""
     if not isinstance(msg, SeedsMessage):
         raise Rejected(f"expected a SeedsMessage, got {type(msg).__name__}")
-    check_task_round(msg.round, last_round, limits, "SEEDS")
+    check_task_round(msg.round, last_round, limits, "SEEDS", "zo")
     _check_checksum(msg, "SEEDS")
     if not _is_int(msg.steps) or int(msg.steps) != limits.local_steps:
         raise Rejected(f"SEEDS: wrong step count {msg.steps!r}, the run uses "
