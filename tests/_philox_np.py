@@ -12,7 +12,10 @@ Public helpers (all pure functions of their arguments):
 - :func:`rademacher` - stream values ``z(seed)[offset : offset + n]`` as float32 +-1.
 - :func:`gaussian` - Gaussian stream values as float32 (fp32 arithmetic mirrored step by step).
 - :func:`flat_offsets` - 128-aligned starts of tensors in the flat vector.
-- :func:`apply_seeds_fp32` - ``p * decay + sum_k c_k z_k`` with the exact fp32 operation order.
+- :func:`subset_sum_table` - one group's fp32 subset-sum table (numpy.float32 scalars).
+- :func:`apply_seeds_fp32` - ``p * decay + sum_k c_k z_k`` with the exact fp32 operation order
+  (Rademacher: the grouped order, groups of :data:`SUM_GROUP` seeds; other groupings on request, so
+  tests can show that the data tells them apart).
 """
 from __future__ import annotations
 
@@ -29,6 +32,8 @@ KEY_B = 0xBB67AE85
 ROUNDS = 10
 BLOCK = 128
 UNIFORM_SCALE = np.float32(4.6566127342e-10)
+#: Seeds per subset-sum table in the contract's Rademacher accumulation order (DESIGN section 4).
+SUM_GROUP = 4
 TWO_PI = np.float32(6.283185307179586)
 
 
@@ -135,28 +140,72 @@ def flat_offsets(numels: Sequence[int], start: int = 0) -> list[int]:
     return out
 
 
+def subset_sum_table(cs: Sequence[np.float32]) -> np.ndarray:
+    """float32 array of ``2**len(cs)`` subset sums, built one numpy.float32 scalar at a time.
+
+    ``table[m] = (bit 0 of m ? c_0 : -c_0)``, then for ``j = 1 .. len(cs)-1``
+    ``table[m] = table[m] + (bit j of m ? c_j : -c_j)``, each add rounded to float32.
+    """
+    cs = [np.float32(c) for c in cs]
+    table = np.empty(2 ** len(cs), dtype=np.float32)
+    for m in range(2 ** len(cs)):
+        t = cs[0] if m & 1 else -cs[0]
+        for j in range(1, len(cs)):
+            t = np.float32(t + (cs[j] if (m >> j) & 1 else -cs[j]))
+        table[m] = t
+    return table
+
+
+def rademacher_acc(bits: Sequence[np.ndarray], coeffs: Sequence[float], n: int,
+                   group: int = SUM_GROUP, reverse_groups: bool = False) -> np.ndarray:
+    """float32 ``acc`` of the grouped order from per-seed sign bits (``bits[k][e] = 1`` iff
+    ``z_k = +1``; ``n`` elements).
+
+    Seeds ``group*g .. group*g + group - 1`` form group ``g`` (the last may be short); the element's
+    index into the group's table has bit j set iff its seed ``group*g + j`` gives +1; ``acc = 0f``
+    then ``acc = acc + table_g[index]`` group by group (rounded to float32 each time), in group order
+    (or reversed, for the order-sensitivity guard). ``group = 1`` is the plain seed-order sum.
+    """
+    K = len(coeffs)
+    acc = np.zeros(n, dtype=np.float32)
+    groups = [list(range(g, min(g + group, K))) for g in range(0, K, group)]
+    if reverse_groups:
+        groups = groups[::-1]
+    for members in groups:
+        table = subset_sum_table([coeffs[k] for k in members])
+        idx = np.zeros(n, dtype=np.int64)
+        for j, k in enumerate(members):
+            idx |= bits[k].astype(np.int64) << j
+        acc = (acc + table[idx]).astype(np.float32)
+    return acc
+
+
 def apply_seeds_fp32(values: Sequence[np.ndarray], seeds: Sequence[int], coeffs: Sequence[float],
                      decay: float = 1.0, dist: str = "rademacher",
-                     start: int = 0) -> list[np.ndarray]:
+                     start: int = 0, *, group: int = SUM_GROUP,
+                     reverse_groups: bool = False) -> list[np.ndarray]:
     """Expected float32 result of ``apply_seeds_`` on flat float32 arrays (returns new arrays).
 
-    ``acc = 0f; for k: acc = acc + (z_k > 0 ? c_k : -c_k)`` (Gaussian: ``acc + c_k * z_k``, product
-    rounded to float32 first), each step rounded to float32; then ``p * float32(decay)`` (skipped
-    when decay == 1) rounded to float32, plus ``acc``, rounded to float32. The caller rounds the
-    float32 result to bfloat16/float16 once when checking those dtypes.
+    Rademacher: ``acc`` in the grouped order (:func:`rademacher_acc`; ``group`` and
+    ``reverse_groups`` select other orders for tests only). Gaussian: ``acc = 0f; for k: acc = acc +
+    c_k * z_k`` in seed order, product rounded to float32 first. Each step is rounded to float32;
+    then ``p * float32(decay)`` (skipped when decay == 1) rounded to float32, plus ``acc``, rounded
+    to float32. The caller rounds the float32 result to bfloat16/float16 once when checking those
+    dtypes.
     """
     bases = flat_offsets([v.size for v in values], start)
     cs = [np.float32(c) for c in coeffs]
     out = []
     for v, base in zip(values, bases):
         n = v.size
-        acc = np.zeros(n, dtype=np.float32)
-        for s, c in zip(seeds, cs):
-            if dist == "rademacher":
-                term = np.where(rademacher_bits(s, n, base) == 1, c, -c).astype(np.float32)
-            else:
+        if dist == "rademacher":
+            bits = [rademacher_bits(s, n, base) for s in seeds]
+            acc = rademacher_acc(bits, cs, n, group, reverse_groups)
+        else:
+            acc = np.zeros(n, dtype=np.float32)
+            for s, c in zip(seeds, cs):
                 term = (c * gaussian(s, n, base)).astype(np.float32)
-            acc = (acc + term).astype(np.float32)
+                acc = (acc + term).astype(np.float32)
         p = np.asarray(v, dtype=np.float32).reshape(-1)
         if float(decay) != 1.0:
             p = (p * np.float32(decay)).astype(np.float32)

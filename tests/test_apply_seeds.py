@@ -1,7 +1,9 @@
 """``apply_seeds_`` / ``perturb_`` (DESIGN section 4) against the numpy fp32 reference, per backend.
 
-float32: bit-exact (acc summed in seed order, decay multiply rounded on its own). bfloat16 and
-float16: the fp32 result rounded once to the dtype, bit-exact. Gaussian: within float32 tolerance.
+float32: bit-exact (Rademacher: acc summed in the contract's grouped order -- subset-sum tables over
+groups of 4 seeds, added group by group; Gaussian: in seed order; the decay multiply rounded on its
+own). bfloat16 and float16: the fp32 result rounded once to the dtype, bit-exact. Gaussian: within
+float32 tolerance.
 Also: thread-count independence (OMP_NUM_THREADS in fresh subprocesses, ``torch.set_num_threads``
 in process), and updating one tensor alone at its offset equals its slice of the whole-list update.
 """
@@ -85,17 +87,118 @@ def assert_bits_equal(got: torch.Tensor, want: torch.Tensor, what: str):
                              f"first at {i}: got {g!r}, want {w!r}")
 
 
-def test_case_is_order_sensitive():
-    """Guard on the test data: summing the seeds in another order, or fusing ``p * decay + acc``,
-    gives different fp32 bits, so the bit-exact tests below can detect those mistakes."""
-    seeds, coeffs = make_case(64)
+@pytest.mark.parametrize("K", [7, 64])
+def test_case_is_order_sensitive(K):
+    """Guard on the test data: summing the seeds in any order other than the contract's grouped
+    order (groups of 4 seeds through subset-sum tables, groups in order) gives different fp32 bits,
+    and so does fusing ``p * decay + acc``; so the bit-exact tests below (K = 7 and 64) catch a
+    backend that uses the plain seed order, another group size, another group order or reversed
+    seeds."""
+    assert ref.SUM_GROUP == zo_kernels.SUM_GROUP == 4
+    seeds, coeffs = make_case(K, seed=K)
     p = make_tensors([(4097,)], torch.float32)[0].numpy()
-    fwd = ref.apply_seeds_fp32([p], seeds, coeffs, 0.999)[0]
+    want = ref.apply_seeds_fp32([p], seeds, coeffs, 0.999)[0]
+    wrong_orders = {
+        "seed order (group 1)": dict(group=1),
+        "groups of 2": dict(group=2),
+        "groups of 3": dict(group=3),
+        "groups of 5": dict(group=5),
+        "groups of 8": dict(group=8),
+        "groups of 4, reversed": dict(reverse_groups=True),
+    }
+    same_number = {"groups of 8": K <= 8, "groups of 5": K <= 5,  # one group: the seed order
+                   "groups of 4, reversed": K <= 8}  # two groups: (0 + T0) + T1 == (0 + T1) + T0
+    for name, kw in wrong_orders.items():
+        if same_number.get(name, False):
+            continue
+        other = ref.apply_seeds_fp32([p], seeds, coeffs, 0.999, **kw)[0]
+        assert (other != want).any(), f"K={K}: the data cannot tell the grouped order from {name}"
     rev = ref.apply_seeds_fp32([p], seeds[::-1], coeffs[::-1], 0.999)[0]
-    assert (fwd != rev).any()
+    assert (rev != want).any()
     acc = ref.apply_seeds_fp32([np.zeros_like(p)], seeds, coeffs)[0]
     fused = (p.astype(np.float64) * np.float64(np.float32(0.999)) + acc).astype(np.float32)
-    assert (fwd != fused).any()
+    assert (want != fused).any()
+
+
+@pytest.mark.parametrize("K", range(0, 6))
+def test_grouped_order_equals_seed_order_up_to_k5(K):
+    """A property of the contract (numpy only): with at most one full group plus one single seed,
+    no add is reassociated, so the grouped sum is the seed-order sum (``perturb_`` is unchanged)."""
+    seeds, coeffs = make_case(K, seed=100 + K)
+    if K >= 3:
+        coeffs[1] = 0.0
+    p = make_tensors([(1000,)], torch.float32, seed=K)[0].numpy()
+    a = ref.apply_seeds_fp32([p], seeds, coeffs, 0.999, start=2**32 - 7)[0]
+    b = ref.apply_seeds_fp32([p], seeds, coeffs, 0.999, start=2**32 - 7, group=1)[0]
+    np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+#: Magnitudes for the small-K tests: large, small and sub-ulp terms interleaved, so that for K >= 6
+#: re-associating the sum (the seed order, for one) changes the float32 bits of some elements.
+_MAGS = (3.0, 1e-3, 0.7, 2e-5, 0.4, 1.3e-7, 5e-2, 9e-8, 1.7)
+
+
+def _mixed_coeffs(K: int, zero_at: int | None, seed: int) -> list[float]:
+    """K coefficients of random sign and mixed magnitude (``_MAGS``, cycled and rescaled), one of
+    them 0 when ``zero_at`` is given."""
+    rng = np.random.default_rng(seed)
+    mags = [_MAGS[k % len(_MAGS)] * 3.0 ** (k // len(_MAGS)) for k in range(K)]
+    c = (rng.choice([-1.0, 1.0], K) * np.array(mags)).tolist()
+    if zero_at is not None:
+        c[zero_at] = 0.0
+    return c
+
+
+def test_group_tables_match_numpy_scalars():
+    """``reference.group_tables`` equals tables built from numpy.float32 scalars one add at a time,
+    short last group included (its unused entries repeat the used ones: ``T[m & (2**n - 1)]``)."""
+    from zo_kernels.reference import group_tables
+
+    for K in (0, 1, 2, 3, 4, 5, 7, 8, 9, 13):
+        for zero_at in (None, K // 2):
+            if K == 0 and zero_at is not None:
+                continue
+            coeffs = _mixed_coeffs(K, zero_at, seed=K)
+            got = group_tables(coeffs)
+            assert got.dtype == torch.float32 and got.device.type == "cpu"
+            assert tuple(got.shape) == (-(-K // 4), 16)
+            for g in range(got.shape[0]):
+                cs = [np.float32(c) for c in coeffs[4 * g: 4 * g + 4]]
+                table = ref.subset_sum_table(cs)
+                want = np.array([table[m & (len(table) - 1)] for m in range(16)], dtype=np.float32)
+                np.testing.assert_array_equal(got[g].numpy().view(np.uint32), want.view(np.uint32),
+                                              err_msg=f"K={K} group {g}")
+            # tensor input gives the same tables
+            assert torch.equal(group_tables(torch.tensor(coeffs, dtype=torch.float32)), got)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", range(1, 10))
+def test_grouped_order_small_k_bit_exact(backend, K):
+    """K = 1..9 (full and short last groups, one and several groups) with coefficients of mixed
+    magnitude, with and without a zero coefficient: every backend equals the numpy implementation
+    bit for bit, on float32 and bfloat16, with and without decay."""
+    dev = require(backend)
+    rng = np.random.default_rng(K)
+    seeds = [int(x) for x in rng.integers(0, 2**63, size=K, dtype=np.int64)]
+    seeds[0] = 2**64 - 1 - seeds[0]
+    shapes = [(1,), (129,), (3, 43), (300,)]
+    for zero_at in (None, (K - 1) // 2):
+        coeffs = _mixed_coeffs(K, zero_at, seed=10 + K)
+        for dtype, decay in ((torch.float32, 0.999), (torch.float32, 1.0), (torch.bfloat16, 0.5)):
+            ts = make_tensors(shapes, dtype, seed=K)
+            start = 2**32 - 100
+            want = expected(ts, seeds, coeffs, decay, start=start)
+            if K >= 6 and dtype == torch.float32:  # guard: the data tells the orders apart
+                vals = [t.reshape(-1).numpy() for t in ts]
+                seq = ref.apply_seeds_fp32(vals, seeds, coeffs, decay, start=start, group=1)
+                assert any((a.reshape(-1).numpy() != b).any() for a, b in zip(want, seq)), \
+                    f"K={K}: test data cannot tell the grouped order from the seed order"
+            ts = [t.to(dev) for t in ts]
+            zo_kernels.apply_seeds_(ts, seeds, coeffs, decay=decay, backend=backend, offset=start)
+            for k, (t, w) in enumerate(zip(ts, want)):
+                assert_bits_equal(t, w, f"{backend} K={K} zero_at={zero_at} {dtype} "
+                                        f"decay={decay} tensor {k}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -43,6 +43,8 @@ void apply_seeds(const std::vector<at::Tensor>& tensors, const at::Tensor& seeds
   const float* cp = cc.data_ptr<float>();
   const int K = (int)sc.numel();
   const float fdecay = (float)decay;
+  std::vector<float> tables(16 * (size_t)num_groups(K) + 16);  // subset-sum tables (Rademacher)
+  if (dist == 0) group_tables(cp, K, tables.data());
 
   std::vector<Job> jobs;
   int64_t total = 0;
@@ -67,12 +69,13 @@ void apply_seeds(const std::vector<at::Tensor>& tensors, const at::Tensor& seeds
   const int nthreads = (int)std::min<int64_t>(std::max(1, at::get_num_threads()), by_work);
   const int64_t njobs = (int64_t)jobs.size();
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t q = 0; q < njobs; ++q) run_job(jobs[q], sp, cp, K, fdecay, (int)dist);
+  for (int64_t q = 0; q < njobs; ++q) run_job(jobs[q], sp, cp, tables.data(), K, fdecay, (int)dist);
 }
 
 // Name of the instruction-set level the dispatcher picks on this CPU (for benchmark reports).
 std::string cpu_isa() {
-  if (have_avx512()) return "avx512";
+  if (have_avx512_gfni()) return "avx512 (vbmi, gfni)";
+  if (have_avx512()) return "avx512 (K = 1 float32 only; x86-64-v3 otherwise)";
   __builtin_cpu_init();
   if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2)";
   return "x86-64 (baseline)";

@@ -1,7 +1,11 @@
 // CPU kernel of zo_kernels::apply_seeds_ (no torch dependency beyond c10's Half/BFloat16): K seeded noise directions applied in one pass.
 //
-//   acc = 0.0f; for k in 0..K-1: acc = acc + (z_k(i) > 0 ? c_k : -c_k)     (fp32, this order)
-//   p   = to_dtype(float(p) * decay + acc)                                   (decay == 1: no multiply)
+// Rademacher, grouped order (group size 4; the reference, Triton and CUDA backends do the same):
+//   T_g[m] = (m&1 ? c_4g : -c_4g) + (m&2 ? c_4g+1 : -c_4g+1) + ...   (fp32, left to right, n_g terms)
+//   idx_g(i) = sum_j [z_{4g+j}(i) = +1] << j
+//   acc = 0.0f; for g in 0..ceil(K/4)-1: acc = acc + T_g[idx_g(i)]   (fp32, this order)
+//   p   = to_dtype(float(p) * decay + acc)                           (decay == 1: no multiply)
+// Gaussian: acc = 0.0f; for k: acc = acc + c_k * z_k(i), then the same update.
 //
 // Layout of the work: the tensors form one flat vector (each starts on a 128-element block, global
 // index base_t + e). Work items are fixed-size chunks of elements; OpenMP splits them across threads,
@@ -9,20 +13,21 @@
 // count. Inside a chunk, full blocks go through the fast path below; a block cut by the tensor's ends
 // (only when the caller's offset is not 128-aligned, or the last partial block) goes element by element.
 //
-// Fast path (AVX-512, per group of 16 blocks and batch of up to 64 seeds):
+// Fast path (AVX-512 with VBMI and GFNI, per group of 16 blocks and batch of up to 64 seeds):
 //  1. Philox for every (block, seed) pair, 16 pairs per zmm (lanes over seeds when K >= 16, else over
 //     blocks). The 32x32->64 products use vpmuludq on even and odd lanes, recombined with one
 //     merge-masked vpshufd per word; round keys are precomputed once per seed batch, and the 4
 //     independent 16-seed Philox evaluations of a block run interleaved (one at a time they are
-//     latency-bound). The words go to a small L1-resident buffer.
-//  2. Signs and sums: per seed and 16 elements, vptestmd (bit j of the broadcast word) + vpblendmd
-//     (+c or -c) + vaddps into one of the block's 8 accumulators held in registers: ~3 vector
-//     uops per 16 element-seeds, the fewest found for an exact fp32 sum in seed order (on Zen 4, where 512-bit
-//     ops take two 256-bit pipe slots, the adds alone need one cycle per 16 element-seeds).
+//     latency-bound). Words go to a small L1-resident buffer, seeds contiguous per (block, word).
+//  2. Bit transpose: per block, the 64 seeds x 128 elements sign matrix becomes, per element, two
+//     32-bit words of seed bits (nibble g = the 4-bit table index of group g): vpermb gathers 8x8 bit
+//     tiles into qwords, gf2p8affineqb transposes each tile, vpermt2b places the bytes in lanes.
+//  3. Sums: per group and 16 elements, vpsrld + vpermps (the 16-entry table is one zmm) + vaddps,
+//     i.e. 3 uops per 64 element-seeds instead of 3 per 16 with a per-seed select.
 //  K = 1 float32 (perturb_) has its own memory-bound loop: vpsllvd + vpternlogd put bit j into the
 //  sign of -c, and the next 16 blocks' Philox rounds are spread between the current loads and stores.
-// Without AVX-512, a portable path (function multiversioning: x86-64-v3 and baseline) does the same
-// arithmetic with plain loops the compiler vectorizes.
+// Without AVX-512 VBMI/GFNI, a portable path (function multiversioning: x86-64-v3 and baseline) does
+// the same arithmetic with plain loops.
 // Compiled with -ffp-contract=off: contracting `p * decay + acc` into an FMA would change the bits.
 #pragma once
 
@@ -52,6 +57,24 @@ enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+
+constexpr int kSumGroup = 4;  // seeds per subset-sum table (Rademacher accumulation order)
+inline int num_groups(int K) { return (K + kSumGroup - 1) / kSumGroup; }
+
+// tables[16 g + m] = T_g[m]: fp32 sums left to right over the group's n_g seeds; entries with
+// m >= 2**n_g (short last group) repeat T_g[m & (2**n_g - 1)] and are never used.
+inline void group_tables(const float* coeffs, int K, float* tables) {
+  for (int g = 0; g < num_groups(K); ++g) {
+    const int n = std::min(kSumGroup, K - kSumGroup * g);
+    const float* c = coeffs + kSumGroup * g;
+    for (int m = 0; m < 16; ++m) {
+      const int mm = m & ((1 << n) - 1);
+      float t = (mm & 1) ? c[0] : -c[0];
+      for (int j = 1; j < n; ++j) t = t + (((mm >> j) & 1) ? c[j] : -c[j]);
+      tables[16 * g + m] = t;
+    }
+  }
+}
 
 inline float load_elem(const void* p, int dt, int64_t e) {
   switch (dt) {
@@ -98,15 +121,16 @@ inline void philox_lanes(uint32_t* __restrict c0, uint32_t* __restrict c1, uint3
   }
 }
 
-// acc[0..127] += (bit j of w ? c : -c), one fp32 add per element. `ncbits` are the bits of -c.
-inline void accumulate_block(float* __restrict acc, const uint32_t w[4], uint32_t ncbits) {
+// acc[0..127] += T[idx_j], idx_j = bit j of the n seeds' words w[s][q] (word q = j / 32): one
+// fp32 add per element and group.
+inline void accumulate_group(float* __restrict acc, const uint32_t* w /* [n][4] */, int n,
+                             const float* __restrict T) {
   for (int q = 0; q < 4; ++q) {
-    const uint32_t word = w[q];
     float* a = acc + 32 * q;
-#pragma omp simd
     for (int j = 0; j < 32; ++j) {
-      const uint32_t s = (word << (31 - j)) & 0x80000000u;  // bit j -> sign position
-      a[j] = a[j] + u2f(ncbits ^ s);                          // bit 1 flips -c to +c
+      uint32_t idx = 0;
+      for (int s = 0; s < n; ++s) idx |= ((w[4 * s + q] >> j) & 1u) << s;
+      a[j] = a[j] + T[idx];
     }
   }
 }
@@ -115,7 +139,7 @@ inline void accumulate_block(float* __restrict acc, const uint32_t w[4], uint32_
 // Portable version: plain loops the compiler vectorizes for the x86-64 level it is cloned for.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 void rademacher_blocks_generic(void* p, int dt, uint64_t block0, int64_t nblocks, const uint64_t* seeds,
-                       const float* coeffs, int K, float decay) {
+                       const float* tables, int K, float decay) {
   alignas(64) float acc[kGroup * zo::kBlock];
   alignas(64) uint32_t words[kGroup * kSeedBatch * 4];  // [g][k][4]
   alignas(64) uint32_t c0[kLanes], c1[kLanes], k0[kLanes], k1[kLanes], out[4 * kLanes];
@@ -148,11 +172,13 @@ void rademacher_blocks_generic(void* p, int dt, uint64_t block0, int64_t nblocks
           w[3] = out[3 * kLanes + l];
         }
       }
-      // 2. Signs into the accumulators, seeds in order.
+      // 2. Table lookups into the accumulators, groups of 4 seeds in order (kSeedBatch is a
+      //    multiple of 4, so groups never straddle batches).
       for (int g = 0; g < G; ++g) {
         float* a = acc + g * zo::kBlock;
-        for (int k = 0; k < KB; ++k) {
-          accumulate_block(a, words + 4 * (g * KB + k), f2u(-coeffs[kb + k]));
+        for (int k = 0; k < KB; k += kSumGroup) {
+          accumulate_group(a, words + 4 * (g * KB + k), std::min(kSumGroup, KB - k),
+                           tables + 16 * ((kb + k) / kSumGroup));
         }
       }
     }
@@ -349,40 +375,49 @@ ZO_AVX512 void rademacher_k1_f32_avx512(float* x, uint64_t block0, int64_t nbloc
   }
 }
 
-// AVX-512 fast path. Words are kept in 4 planes; (g, k) lives at g * sg + k * sk, with lanes over
-// seeds of one block when K >= 16 (contiguous keys) and over 16 blocks of one seed otherwise.
-// Per block and seed the signs cost 4 broadcasts + 8 x (vpsllvd, vpternlogd, vaddps), with the 8
-// accumulators of the block in registers across all seeds of a batch.
-ZO_AVX512 void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64_t nblocks,
-                                        const uint64_t* seeds, const float* coeffs, int K,
-                                        float decay) {
-  alignas(64) uint32_t planes[4][kGroup * kSeedBatch];
-  alignas(64) uint32_t klo[kSeedBatch + 16], khi[kSeedBatch + 16], ncb[kSeedBatch];
+#define ZO_AVX512G __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,gfni")))
+
+// AVX-512 fast path (grouped order). Per group of up to 16 blocks and batch of up to 64 seeds:
+// Philox words into wbuf[g][q][k] (seeds contiguous, zero past the batch up to a multiple of 16),
+// then per block the bit transpose and the table sums described at the top of this file.
+ZO_AVX512G void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                         const uint64_t* seeds, const float* tables, int K,
+                                         float decay) {
+  alignas(64) uint32_t wbuf[kGroup][4][kSeedBatch];
+  alignas(64) uint32_t klo[kSeedBatch], khi[kSeedBatch];
   alignas(64) float accbuf[kGroup][zo::kBlock];
   alignas(64) __m512i rk[kSeedBatch / 16][2 * zo::kRounds];
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i sh_lo = _mm512_sub_epi32(_mm512_set1_epi32(31), iota);
-  const __m512i sh_hi = _mm512_sub_epi32(_mm512_set1_epi32(15), iota);
-  const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
-  const __m512i bit_lo = _mm512_sllv_epi32(_mm512_set1_epi32(1), iota);
-  const __m512i bit_hi = _mm512_sllv_epi32(_mm512_set1_epi32(1 << 16), iota);
+  alignas(64) uint8_t p1b[64], p2b[2][64];
+  // vpermb pattern: qword Q = 4h + t (h: seeds 8h..8h+7 of 16, t: byte of the word) holds byte t of
+  // seeds 8h + i at byte 7 - i, so gf2p8affineqb with x bytes 1 << j gives byte j = bit 8t + j of
+  // the word, bit i = seed 8h + i.
+  for (int h = 0; h < 2; ++h)
+    for (int t = 0; t < 4; ++t)
+      for (int i = 0; i < 8; ++i) p1b[8 * (4 * h + t) + 7 - i] = (uint8_t)(4 * (8 * h + i) + t);
+  // vpermt2b pattern for elements 16 hh + l of a word and seeds 32u + 8r + i: lane l, byte r comes
+  // from tile vector 2u + r / 2 (bit 6 of the index picks the second source), qword 4 (r % 2) + t.
+  for (int hh = 0; hh < 2; ++hh)
+    for (int l = 0; l < 16; ++l)
+      for (int r = 0; r < 4; ++r)
+        p2b[hh][4 * l + r] =
+            (uint8_t)((r / 2) * 64 + 8 * (4 * (r % 2) + 2 * hh + l / 8) + l % 8);
+  const __m512i P1 = _mm512_load_si512(p1b);
+  const __m512i P2[2] = {_mm512_load_si512(p2b[0]), _mm512_load_si512(p2b[1])};
+  const __m512i XT = _mm512_set1_epi64((long long)0x8040201008040201ull);
+  const __m512i zero = _mm512_setzero_si512();
   for (int64_t g0 = 0; g0 < nblocks; g0 += kGroup) {
     const int G = (int)std::min<int64_t>(kGroup, nblocks - g0);
     const uint64_t bfirst = block0 + (uint64_t)g0;
     for (int kb = 0; kb < K || (K == 0 && kb == 0); kb += kSeedBatch) {
       const int KB = std::min(kSeedBatch, K - kb);
+      const int nv = (KB + 15) / 16;  // 16-seed vectors of words per (block, word)
       for (int k = 0; k < KB; ++k) {
         klo[k] = zo::key_lo(seeds[kb + k]);
         khi[k] = zo::key_hi(seeds[kb + k]);
-        ncb[k] = f2u(-coeffs[kb + k]);
       }
-      const bool over_seeds = KB >= 16;
-      const int sg = over_seeds ? KB : 1, sk = over_seeds ? 1 : kGroup;
-      __m512i out[4];
-      if (over_seeds) {
-        // Round keys of the batch's seeds (16 per vector; lanes past KB hold zero keys and are
-        // never stored), shared by every block of the group.
-        const int nv = (KB + 15) / 16;
+      if (KB >= 16) {
+        // Lanes over seeds; round keys of the batch precomputed (lanes past KB: zero keys, their
+        // words are stored as zeros), shared by every block of the group.
         for (int v = 0; v < nv; ++v) {
           const __mmask16 m = (__mmask16)((KB - 16 * v) >= 16 ? 0xffff : ((1u << (KB - 16 * v)) - 1u));
           __m512i k0 = _mm512_maskz_loadu_epi32(m, klo + 16 * v);
@@ -404,57 +439,59 @@ ZO_AVX512 void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64_
           for (; v + 2 <= nv; v += 2) philox16_multi<2>(cb0, cb1, rk + v, outs + v);
           for (; v < nv; ++v) philox16_multi<1>(cb0, cb1, rk + v, outs + v);
           for (v = 0; v < nv; ++v) {
-            const int k0 = 16 * v;
-            const __mmask16 m = (__mmask16)((KB - k0) >= 16 ? 0xffff : ((1u << (KB - k0)) - 1u));
-            for (int q = 0; q < 4; ++q) _mm512_mask_storeu_epi32(planes[q] + g * sg + k0, m, outs[v][q]);
+            const __mmask16 m = (__mmask16)((KB - 16 * v) >= 16 ? 0xffff : ((1u << (KB - 16 * v)) - 1u));
+            for (int q = 0; q < 4; ++q)
+              _mm512_store_si512(wbuf[g][q] + 16 * v, _mm512_maskz_mov_epi32(m, outs[v][q]));
           }
         }
       } else if (KB > 0) {
-        // lanes over blocks: counter = bfirst + lane (64-bit add with carry into the high word)
-        alignas(64) uint32_t lo[16], hi[16];
+        // Lanes over 16 blocks (counter = bfirst + lane, 64-bit), one seed at a time.
+        alignas(64) uint32_t lo[16], hi[16], o[4][16];
         for (int l = 0; l < 16; ++l) {
           const uint64_t b = bfirst + (uint64_t)l;
           lo[l] = (uint32_t)(b & 0xffffffffu);
           hi[l] = (uint32_t)(b >> 32);
         }
+        for (int g = 0; g < G; ++g)
+          for (int q = 0; q < 4; ++q) _mm512_store_si512(wbuf[g][q], zero);
         const __m512i cl = _mm512_load_si512(lo), ch = _mm512_load_si512(hi);
         for (int k = 0; k < KB; ++k) {
+          __m512i out[4];
           philox16(cl, ch, _mm512_set1_epi32((int)klo[k]), _mm512_set1_epi32((int)khi[k]), out);
-          for (int q = 0; q < 4; ++q) _mm512_store_si512(planes[q] + k * sk, out[q]);
+          for (int q = 0; q < 4; ++q) _mm512_store_si512(o[q], out[q]);
+          for (int g = 0; g < G; ++g)
+            for (int q = 0; q < 4; ++q) wbuf[g][q][k] = o[q][g];
         }
       }
       const bool first = kb == 0, last = kb + kSeedBatch >= K;
+      const int ngb = (KB + kSumGroup - 1) / kSumGroup;  // groups in this batch
+      const int nu = (KB + 31) / 32;                     // 32-bit index words per element
+      const float* Tb = tables + 16 * (kb / kSumGroup);
       for (int g = 0; g < G; ++g) {
-        __m512 acc[8];
-        int kstart = 0;
-        if (first && KB > 0 && coeffs[kb] != 0.0f) {
-          // 0.0f + t == t exactly unless t is -0.0, i.e. unless c_0 is zero: skip that add.
-          const __m512i nc = _mm512_set1_epi32((int)ncb[0]);
-          const int idx = g * sg;
-          for (int q = 0; q < 4; ++q) {
-            const __m512i w = _mm512_set1_epi32((int)planes[q][idx]);
-            acc[2 * q] = _mm512_castsi512_ps(
-                _mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_lo), sign, nc, 0x6A));
-            acc[2 * q + 1] = _mm512_castsi512_ps(
-                _mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_hi), sign, nc, 0x6A));
+        // 2. Transpose: Z[q][v] = 8 transposed 8x8 tiles of word q, seeds 16v .. 16v + 15.
+        __m512i Z[4][4];
+        for (int q = 0; q < 4; ++q)
+          for (int v = 0; v < nv; ++v) {
+            const __m512i y = _mm512_permutexvar_epi8(P1, _mm512_load_si512(wbuf[g][q] + 16 * v));
+            Z[q][v] = _mm512_gf2p8affine_epi64_epi8(XT, y, 0);
           }
-          kstart = 1;
-        } else {
-          for (int v = 0; v < 8; ++v)
-            acc[v] = first ? _mm512_setzero_ps() : _mm512_load_ps(accbuf[g] + 16 * v);
-        }
-        for (int k = kstart; k < KB; ++k) {
-          const __m512i nc = _mm512_set1_epi32((int)ncb[k]);
-          const __m512i pc = _mm512_xor_si512(nc, sign);
-          const int idx = g * sg + k * sk;
-          for (int q = 0; q < 4; ++q) {
-            // vptestmd picks the lanes whose bit is set, vpblendmd takes +c there and -c elsewhere
-            // (non-destructive, so no register copies; a merge-masked XOR needed one per use).
-            const __m512i w = _mm512_set1_epi32((int)planes[q][idx]);
-            const __m512i t0 = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(w, bit_lo), nc, pc);
-            const __m512i t1 = _mm512_mask_blend_epi32(_mm512_test_epi32_mask(w, bit_hi), nc, pc);
-            acc[2 * q] = _mm512_add_ps(acc[2 * q], _mm512_castsi512_ps(t0));
-            acc[2 * q + 1] = _mm512_add_ps(acc[2 * q + 1], _mm512_castsi512_ps(t1));
+        // idx[ev][u]: element vector ev = 2q + hh (elements 32q + 16hh + lane), seeds 32u + bit.
+        __m512i idx[8][2];
+        for (int q = 0; q < 4; ++q)
+          for (int hh = 0; hh < 2; ++hh)
+            for (int u = 0; u < nu; ++u)
+              idx[2 * q + hh][u] =
+                  _mm512_permutex2var_epi8(Z[q][2 * u], P2[hh], 2 * u + 1 < nv ? Z[q][2 * u + 1] : zero);
+        // 3. acc = acc + T_g[nibble], groups in order, 8 independent element vectors per step.
+        __m512 acc[8];
+        for (int v = 0; v < 8; ++v)
+          acc[v] = first ? _mm512_setzero_ps() : _mm512_load_ps(accbuf[g] + 16 * v);
+        for (int gi = 0; gi < ngb; ++gi) {
+          const __m512 T = _mm512_loadu_ps(Tb + 16 * gi);
+          const int u = gi >> 3, sh = 4 * (gi & 7);
+          for (int ev = 0; ev < 8; ++ev) {
+            const __m512i ix = _mm512_srli_epi32(idx[ev][u], (unsigned)sh);
+            acc[ev] = _mm512_add_ps(acc[ev], _mm512_permutexvar_ps(ix, T));
           }
         }
         if (last) {
@@ -469,8 +506,9 @@ ZO_AVX512 void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64_
 }
 #endif
 
-// True when the AVX-512 path runs: the CPU has it and ZO_KERNELS_NO_AVX512 is unset (that variable
-// forces the portable path, for testing it on AVX-512 machines). Read once per process.
+// True when the AVX-512 paths run: the CPU has AVX-512 F/BW/DQ/VL (the K = 1 float32 loop) and also
+// VBMI and GFNI (the general loop), and ZO_KERNELS_NO_AVX512 is unset (that variable forces the
+// portable path, for testing it on AVX-512 machines). Read once per process.
 bool have_avx512() {
 #if defined(__x86_64__)
   static const bool ok = [] {
@@ -485,31 +523,47 @@ bool have_avx512() {
 #endif
 }
 
-void rademacher_blocks(void* p, int dt, uint64_t block0, int64_t nblocks, const uint64_t* seeds,
-                       const float* coeffs, int K, float decay) {
+bool have_avx512_gfni() {
 #if defined(__x86_64__)
-  if (have_avx512()) {
-    if (K == 1 && dt == F32) {
-      rademacher_k1_f32_avx512(static_cast<float*>(p), block0, nblocks, seeds[0], coeffs[0], decay);
-    } else {
-      rademacher_blocks_avx512(p, dt, block0, nblocks, seeds, coeffs, K, decay);
-    }
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return have_avx512() && __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("gfni");
+  }();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void rademacher_blocks(void* p, int dt, uint64_t block0, int64_t nblocks, const uint64_t* seeds,
+                       const float* coeffs, const float* tables, int K, float decay) {
+#if defined(__x86_64__)
+  if (K == 1 && dt == F32 && have_avx512()) {
+    rademacher_k1_f32_avx512(static_cast<float*>(p), block0, nblocks, seeds[0], coeffs[0], decay);
+    return;
+  }
+  if (have_avx512_gfni()) {
+    rademacher_blocks_avx512(p, dt, block0, nblocks, seeds, tables, K, decay);
     return;
   }
 #endif
-  rademacher_blocks_generic(p, dt, block0, nblocks, seeds, coeffs, K, decay);
+  rademacher_blocks_generic(p, dt, block0, nblocks, seeds, tables, K, decay);
 }
 
 // Element by element, for elements [e0, e1) of a tensor whose element 0 has global index base.
 void rademacher_elements(void* p, int dt, uint64_t base, int64_t e0, int64_t e1,
-                         const uint64_t* seeds, const float* coeffs, int K, float decay) {
+                         const uint64_t* seeds, const float* tables, int K, float decay) {
   for (int64_t e = e0; e < e1; ++e) {
     const uint64_t i = base + (uint64_t)e;
     float acc = 0.0f;
-    for (int k = 0; k < K; ++k) {
-      uint32_t w[4];
-      zo::rademacher_words(seeds[k], i >> 7, w);
-      acc = acc + (zo::rademacher_positive(w, (uint32_t)(i & 127u)) ? coeffs[k] : -coeffs[k]);
+    for (int g = 0; g < num_groups(K); ++g) {
+      uint32_t idx = 0;
+      for (int j = 0; j < kSumGroup && kSumGroup * g + j < K; ++j) {
+        uint32_t w[4];
+        zo::rademacher_words(seeds[kSumGroup * g + j], i >> 7, w);
+        idx |= (zo::rademacher_positive(w, (uint32_t)(i & 127u)) ? 1u : 0u) << j;
+      }
+      acc = acc + tables[16 * g + idx];
     }
     float x = load_elem(p, dt, e);
     if (decay != 1.0f) x = x * decay;
@@ -536,8 +590,8 @@ struct Job {
   int64_t e0, e1;
 };
 
-void run_job(const Job& j, const uint64_t* seeds, const float* coeffs, int K, float decay,
-             int dist) {
+void run_job(const Job& j, const uint64_t* seeds, const float* coeffs, const float* tables, int K,
+             float decay, int dist) {
   if (dist != 0) {
     gaussian_elements(j.ptr, j.dt, j.base, j.e0, j.e1, seeds, coeffs, K, decay);
     return;
@@ -547,15 +601,15 @@ void run_job(const Job& j, const uint64_t* seeds, const float* coeffs, int K, fl
   uint64_t fb = (g0 + 127u) & ~uint64_t(127u);  // first full-block start (global)
   uint64_t lb = g1 & ~uint64_t(127u);           // end of the last full block (global)
   if (fb >= lb) {
-    rademacher_elements(j.ptr, j.dt, j.base, j.e0, j.e1, seeds, coeffs, K, decay);
+    rademacher_elements(j.ptr, j.dt, j.base, j.e0, j.e1, seeds, tables, K, decay);
     return;
   }
   const int64_t ef = (int64_t)(fb - j.base), el = (int64_t)(lb - j.base);
-  if (ef > j.e0) rademacher_elements(j.ptr, j.dt, j.base, j.e0, ef, seeds, coeffs, K, decay);
+  if (ef > j.e0) rademacher_elements(j.ptr, j.dt, j.base, j.e0, ef, seeds, tables, K, decay);
   const size_t esz = j.dt == F32 ? 4 : 2;
   void* pf = static_cast<char*>(j.ptr) + (size_t)ef * esz;
-  rademacher_blocks(pf, j.dt, fb >> 7, (el - ef) / zo::kBlock, seeds, coeffs, K, decay);
-  if (el < j.e1) rademacher_elements(j.ptr, j.dt, j.base, el, j.e1, seeds, coeffs, K, decay);
+  rademacher_blocks(pf, j.dt, fb >> 7, (el - ef) / zo::kBlock, seeds, coeffs, tables, K, decay);
+  if (el < j.e1) rademacher_elements(j.ptr, j.dt, j.base, el, j.e1, seeds, tables, K, decay);
 }
 
 }  // namespace zo_cpu

@@ -18,6 +18,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DISTS = ("rademacher", "gaussian")
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 BLOCK = _ref.BLOCK
+#: Seeds per subset-sum table in the Rademacher accumulation order (DESIGN section 4): ``apply_seeds_``
+#: sums the seeds in groups of ``SUM_GROUP`` consecutive seeds, each group through one
+#: ``2**SUM_GROUP``-entry table of fp32 subset sums (see its docstring).
+SUM_GROUP = _ref.SUM_GROUP
 _U64 = 1 << 64
 _I63 = (1 << 63) - 1
 
@@ -193,7 +197,12 @@ def _run_triton(ts, seeds, coeffs, bases, decay, dist):
 
 def _run_cuda(ts, seeds, coeffs, bases, decay, dist):
     dev = ts[0].device
-    cuda_extension()[0].apply_seeds(ts, seeds.to(dev), coeffs.to(dev), list(bases), float(decay),
+    # Rademacher: the subset-sum tables of the grouped order, built on the host (exact fp32), then
+    # moved to the device; the Gaussian path ignores them.
+    tables = (_ref.group_tables(coeffs) if dist == "rademacher"
+              else torch.zeros(0, 16, dtype=torch.float32))
+    cuda_extension()[0].apply_seeds(ts, seeds.to(dev), coeffs.to(dev),
+                                    tables.reshape(-1).to(dev), list(bases), float(decay),
                                     DISTS.index(dist))
 
 
@@ -240,13 +249,34 @@ def apply_seeds_(tensors: TensorList, seeds, coeffs, decay: float = 1.0, dist: s
     """Apply K seeded noise directions to a list of tensors in place, in one pass over memory.
 
     For every element with global index ``i`` (see :func:`offsets`; the list is one flat vector
-    whose first element has index ``offset``)::
+    whose first element has index ``offset``), with ``z_k`` noise stream v1 for ``seeds[k]`` and
+    ``c_k`` the coefficients rounded to float32; all arithmetic in fp32, round to nearest even, in
+    exactly this order (no reassociation, no fused multiply-add):
 
-        acc = 0.0f;  for k in 0..K-1: acc = acc + c_k * z_k(i)       # fp32, in this order
+    Rademacher (``dist="rademacher"``), the grouped order with :data:`SUM_GROUP` = 4 seeds per
+    group. Group ``g = 0 .. ceil(K/4)-1`` holds seeds ``4g .. min(4g+4, K)-1`` (``n_g`` of them;
+    the last group may be short). Its subset-sum table, for ``m = 0 .. 15``::
+
+        t = (bit 0 of m ? c_4g : -c_4g)
+        for j in 1 .. n_g-1:  t = t + (bit j of m ? c_{4g+j} : -c_{4g+j})
+        T_g[m] = t
+
+    (computed once per call on the host; entries ``m >= 2**n_g`` of a short group equal
+    ``T_g[m & (2**n_g - 1)]`` and are never used). Then, per element::
+
+        idx_g(i) = sum_{j < n_g} [z_{4g+j}(i) == +1] << j
+        acc = 0.0f;  for g in 0 .. ceil(K/4)-1:  acc = acc + T_g[idx_g(i)]
         p   = to_dtype(float(p) * decay + acc)                         # decay == 1 skips the multiply
 
-    where ``z_k`` is noise stream v1 for ``seeds[k]`` (Rademacher ±1, or Gaussian). With Rademacher
-    noise the result is bit-identical on every backend and thread count.
+    For K <= 5 this is the same number as the plain sum ``acc = acc + (z_k > 0 ? c_k : -c_k)`` in
+    seed order (so :func:`perturb_`, K = 1, adds exactly ``+-alpha``); for larger K it is a
+    different rounding of the same sum. Gaussian (``dist="gaussian"``), seed order::
+
+        acc = 0.0f;  for k in 0..K-1:  acc = acc + c_k * z_k(i)        # product rounded to fp32
+        p   = to_dtype(float(p) * decay + acc)
+
+    K = 0 gives ``acc = 0``. With Rademacher noise the result is bit-identical on every backend,
+    device and thread count (Gaussian: within 1e-6 relative, the transcendental functions differ).
 
     Args:
         tensors: a Tensor or a list of Tensors, float32 / bfloat16 / float16, contiguous, all on one
