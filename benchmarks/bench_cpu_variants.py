@@ -1,4 +1,4 @@
-"""Inner-loop variants of the CPU kernel's K >= 16 path, timed one by one (AVX-512 machines only).
+"""Inner-loop variants of the CPU kernel's many-seed path, timed one by one (AVX-512 machines only).
 
 ``apply_seeds_`` with many seeds is compute-bound. This benchmark compiles
 ``benchmarks/cpu_variants/variants.cpp`` with the extension's flags (``-O3 -ffp-contract=off``),
@@ -6,7 +6,9 @@ runs it ``--runs`` times in fresh processes and writes the median of each varian
 ``benchmarks/results/cpu_variants.json``:
 
 - ``accumulate``: ways to turn one sign bit into +c or -c and add it, in seed order, to an fp32
-  accumulator, per 16 element-seeds, each checked bit for bit against the first.
+  accumulator, per 16 element-seeds, each checked bit for bit against the first; and the kernel's
+  grouped order (``grouped4_gfni_permps``: subset-sum tables over 4 seeds, a different sum),
+  checked bit for bit against a scalar implementation of that order.
 - ``philox``: Philox4x32-10 on 16 lanes (one 128-element block and 16 seeds), checked against a
   scalar Philox, one evaluation at a time and 4 interleaved.
 

@@ -102,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--n", type=int, default=None,
                     help="elements in the tensor (default 100_000_000; 10_000_000 with --quick)")
     ap.add_argument("--repeats", type=int, default=None,
-                    help="timed rounds (default 7; 3 with --quick); one untimed warm-up round first")
+                    help="timed rounds (default 15; 3 with --quick); one untimed warm-up round first")
     ap.add_argument("--mezo-repeats", type=int, default=None,
                     help="rounds that also time the slow MeZO-style replay (default min(3, repeats))")
     ap.add_argument("--quick", action="store_true", help="n = 10M and 3 rounds unless given")
@@ -122,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.n is None:
         args.n = 10_000_000 if args.quick else 100_000_000
     if args.repeats is None:
-        args.repeats = 3 if args.quick else 7
+        args.repeats = 3 if args.quick else 15  # add_ alone swings 10-18 ms here: medians need rounds
     if args.mezo_repeats is None:
         args.mezo_repeats = min(3, args.repeats)
     try:

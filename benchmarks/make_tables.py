@@ -281,18 +281,25 @@ def _exact_notes(rows: list[dict]) -> list[str]:
 
 
 def _cpu_variants_notes(rows: list[dict]) -> list[str]:
-    acc = [lookup(r, "figures.ns_per_16_element_seeds") for r in rows
-           if lookup(r, "config.part") == "accumulate" and lookup(r, "figures.bit_exact") is True]
+    def acc_rows(grouped: bool):
+        return [lookup(r, "figures.ns_per_16_element_seeds") for r in rows
+                if lookup(r, "config.part") == "accumulate" and lookup(r, "figures.bit_exact") is True
+                and ("grouped" in str(lookup(r, "config.variant"))) == grouped]
+    seq, grp = acc_rows(False), acc_rows(True)
     phx = [lookup(r, "figures.ns_per_16_lanes") for r in rows
            if lookup(r, "config.part") == "philox" and lookup(r, "figures.bit_exact") is True]
     out = ["Single thread, data in L1, medians over fresh runs; `bit exact`: the variant's sums equal "
-           "the first variant's bit for bit (accumulate) or a scalar Philox4x32-10 (philox). One "
-           "16-lane Philox serves 128 elements x 16 seeds, i.e. 128 groups of 16 element-seeds."]
-    if acc and phx:
-        floor = min(acc) + min(phx) / 128
-        out.append(f"Fastest accumulate + fastest Philox: {floor:.3f} ns per 16 element-seeds per "
-                   f"thread = {floor / 16:.4f} ns per element per seed per thread, before any memory "
-                   "traffic: the cheapest combination measured for `apply_seeds_` with many seeds.")
+           "the first variant's bit for bit (accumulate, seed order), a scalar implementation of the "
+           "grouped order (`grouped4_gfni_permps`, the kernel's loop), or a scalar Philox4x32-10 "
+           "(philox). One 16-lane Philox serves 128 elements x 16 seeds, i.e. 128 groups of 16 "
+           "element-seeds."]
+    if phx:
+        for label, acc in (("seed order (the old contract)", seq), ("grouped order (the kernel)", grp)):
+            if acc:
+                floor = min(acc) + min(phx) / 128
+                out.append(f"Fastest accumulate in {label} + fastest Philox: {floor:.3f} ns per 16 "
+                           f"element-seeds per thread = {floor / 16:.4f} ns per element per seed per "
+                           "thread, before any memory traffic.")
     return out
 
 
