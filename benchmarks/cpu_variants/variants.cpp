@@ -18,6 +18,8 @@
 #include <cstring>
 #include <vector>
 
+#include "../../csrc/cpu/grouped_sum.h"  // the kernel's tables and bit transpose
+
 #define ZO_T __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bitalg,avx512vbmi,gfni"), noinline))
 
 constexpr int G = 16, K = 64;
@@ -160,12 +162,9 @@ ZO_T void acc_test_blend_half_fma() {
 // acc = 0; acc = acc + T_g[nibble g of the element's seed bits], groups in order.
 alignas(64) float tab[K / 4][16];
 static void make_tables() {
-  for (int g = 0; g < K / 4; ++g)
-    for (int m = 0; m < 16; ++m) {
-      float t = (m & 1) ? -u2f_(ncb[4 * g]) : u2f_(ncb[4 * g]);
-      for (int j = 1; j < 4; ++j) t = t + (((m >> j) & 1) ? -u2f_(ncb[4 * g + j]) : u2f_(ncb[4 * g + j]));
-      tab[g][m] = t;
-    }
+  float c[K];
+  for (int k = 0; k < K; ++k) c[k] = u2f_(pcb[k]);
+  zo_cpu::group_tables(c, K, &tab[0][0]);
 }
 static void grouped_scalar(float (*o)[128]) {
   for (int g = 0; g < G; ++g)
@@ -180,23 +179,10 @@ static void grouped_scalar(float (*o)[128]) {
     }
 }
 ZO_T void acc_grouped4() {
-  alignas(64) uint8_t p1b[64], p2b[2][64];
-  for (int h = 0; h < 2; ++h)
-    for (int t = 0; t < 4; ++t)
-      for (int i = 0; i < 8; ++i) p1b[8 * (4 * h + t) + 7 - i] = (uint8_t)(4 * (8 * h + i) + t);
-  for (int hh = 0; hh < 2; ++hh)
-    for (int l = 0; l < 16; ++l)
-      for (int r = 0; r < 4; ++r) p2b[hh][4 * l + r] = (uint8_t)((r / 2) * 64 + 8 * (4 * (r % 2) + 2 * hh + l / 8) + l % 8);
-  const __m512i P1 = _mm512_load_si512(p1b), P2[2] = {_mm512_load_si512(p2b[0]), _mm512_load_si512(p2b[1])};
-  const __m512i XT = _mm512_set1_epi64((long long)0x8040201008040201ull);
   for (int g = 0; g < G; ++g) {
-    __m512i Z[4][4], idx[8][2];
-    for (int q = 0; q < 4; ++q)
-      for (int v = 0; v < 4; ++v)
-        Z[q][v] = _mm512_gf2p8affine_epi64_epi8(XT, _mm512_permutexvar_epi8(P1, _mm512_load_si512(&planes[q][g * K + 16 * v])), 0);
-    for (int q = 0; q < 4; ++q)
-      for (int hh = 0; hh < 2; ++hh)
-        for (int u = 0; u < 2; ++u) idx[2 * q + hh][u] = _mm512_permutex2var_epi8(Z[q][2 * u], P2[hh], Z[q][2 * u + 1]);
+    __m512i idx[8][2];
+    const uint32_t* const words[4] = {&planes[0][g * K], &planes[1][g * K], &planes[2][g * K], &planes[3][g * K]};
+    zo_cpu::seed_bit_indices(words, 4, idx);
     __m512 acc[8];
     for (int v = 0; v < 8; ++v) acc[v] = _mm512_setzero_ps();
     for (int gi = 0; gi < K / 4; ++gi) {

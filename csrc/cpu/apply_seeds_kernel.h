@@ -41,6 +41,7 @@
 #include <cstring>
 
 #include "../philox.h"
+#include "grouped_sum.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -57,24 +58,6 @@ enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-
-constexpr int kSumGroup = 4;  // seeds per subset-sum table (Rademacher accumulation order)
-inline int num_groups(int K) { return (K + kSumGroup - 1) / kSumGroup; }
-
-// tables[16 g + m] = T_g[m]: fp32 sums left to right over the group's n_g seeds; entries with
-// m >= 2**n_g (short last group) repeat T_g[m & (2**n_g - 1)] and are never used.
-inline void group_tables(const float* coeffs, int K, float* tables) {
-  for (int g = 0; g < num_groups(K); ++g) {
-    const int n = std::min(kSumGroup, K - kSumGroup * g);
-    const float* c = coeffs + kSumGroup * g;
-    for (int m = 0; m < 16; ++m) {
-      const int mm = m & ((1 << n) - 1);
-      float t = (mm & 1) ? c[0] : -c[0];
-      for (int j = 1; j < n; ++j) t = t + (((mm >> j) & 1) ? c[j] : -c[j]);
-      tables[16 * g + m] = t;
-    }
-  }
-}
 
 inline float load_elem(const void* p, int dt, int64_t e) {
   switch (dt) {
@@ -375,8 +358,6 @@ ZO_AVX512 void rademacher_k1_f32_avx512(float* x, uint64_t block0, int64_t nbloc
   }
 }
 
-#define ZO_AVX512G __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,gfni")))
-
 // AVX-512 fast path (grouped order). Per group of up to 16 blocks and batch of up to 64 seeds:
 // Philox words into wbuf[g][q][k] (seeds contiguous, zero past the batch up to a multiple of 16),
 // then per block the bit transpose and the table sums described at the top of this file.
@@ -387,24 +368,6 @@ ZO_AVX512G void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64
   alignas(64) uint32_t klo[kSeedBatch], khi[kSeedBatch];
   alignas(64) float accbuf[kGroup][zo::kBlock];
   alignas(64) __m512i rk[kSeedBatch / 16][2 * zo::kRounds];
-  alignas(64) uint8_t p1b[64], p2b[2][64];
-  // vpermb pattern: qword Q = 4h + t (h: seeds 8h..8h+7 of 16, t: byte of the word) holds byte t of
-  // seeds 8h + i at byte 7 - i, so gf2p8affineqb with x bytes 1 << j gives byte j = bit 8t + j of
-  // the word, bit i = seed 8h + i.
-  for (int h = 0; h < 2; ++h)
-    for (int t = 0; t < 4; ++t)
-      for (int i = 0; i < 8; ++i) p1b[8 * (4 * h + t) + 7 - i] = (uint8_t)(4 * (8 * h + i) + t);
-  // vpermt2b pattern for elements 16 hh + l of a word and seeds 32u + 8r + i: lane l, byte r comes
-  // from tile vector 2u + r / 2 (bit 6 of the index picks the second source), qword 4 (r % 2) + t.
-  for (int hh = 0; hh < 2; ++hh)
-    for (int l = 0; l < 16; ++l)
-      for (int r = 0; r < 4; ++r)
-        p2b[hh][4 * l + r] =
-            (uint8_t)((r / 2) * 64 + 8 * (4 * (r % 2) + 2 * hh + l / 8) + l % 8);
-  const __m512i P1 = _mm512_load_si512(p1b);
-  const __m512i P2[2] = {_mm512_load_si512(p2b[0]), _mm512_load_si512(p2b[1])};
-  const __m512i XT = _mm512_set1_epi64((long long)0x8040201008040201ull);
-  const __m512i zero = _mm512_setzero_si512();
   for (int64_t g0 = 0; g0 < nblocks; g0 += kGroup) {
     const int G = (int)std::min<int64_t>(kGroup, nblocks - g0);
     const uint64_t bfirst = block0 + (uint64_t)g0;
@@ -453,7 +416,7 @@ ZO_AVX512G void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64
           hi[l] = (uint32_t)(b >> 32);
         }
         for (int g = 0; g < G; ++g)
-          for (int q = 0; q < 4; ++q) _mm512_store_si512(wbuf[g][q], zero);
+          for (int q = 0; q < 4; ++q) _mm512_store_si512(wbuf[g][q], _mm512_setzero_si512());
         const __m512i cl = _mm512_load_si512(lo), ch = _mm512_load_si512(hi);
         for (int k = 0; k < KB; ++k) {
           __m512i out[4];
@@ -465,23 +428,12 @@ ZO_AVX512G void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64
       }
       const bool first = kb == 0, last = kb + kSeedBatch >= K;
       const int ngb = (KB + kSumGroup - 1) / kSumGroup;  // groups in this batch
-      const int nu = (KB + 31) / 32;                     // 32-bit index words per element
       const float* Tb = tables + 16 * (kb / kSumGroup);
       for (int g = 0; g < G; ++g) {
-        // 2. Transpose: Z[q][v] = 8 transposed 8x8 tiles of word q, seeds 16v .. 16v + 15.
-        __m512i Z[4][4];
-        for (int q = 0; q < 4; ++q)
-          for (int v = 0; v < nv; ++v) {
-            const __m512i y = _mm512_permutexvar_epi8(P1, _mm512_load_si512(wbuf[g][q] + 16 * v));
-            Z[q][v] = _mm512_gf2p8affine_epi64_epi8(XT, y, 0);
-          }
-        // idx[ev][u]: element vector ev = 2q + hh (elements 32q + 16hh + lane), seeds 32u + bit.
+        // 2. Transpose the block's sign bits into per-element table indices.
+        const uint32_t* const words[4] = {wbuf[g][0], wbuf[g][1], wbuf[g][2], wbuf[g][3]};
         __m512i idx[8][2];
-        for (int q = 0; q < 4; ++q)
-          for (int hh = 0; hh < 2; ++hh)
-            for (int u = 0; u < nu; ++u)
-              idx[2 * q + hh][u] =
-                  _mm512_permutex2var_epi8(Z[q][2 * u], P2[hh], 2 * u + 1 < nv ? Z[q][2 * u + 1] : zero);
+        seed_bit_indices(words, nv, idx);
         // 3. acc = acc + T_g[nibble], groups in order, 8 independent element vectors per step.
         __m512 acc[8];
         for (int v = 0; v < 8; ++v)
