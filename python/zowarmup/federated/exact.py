@@ -258,10 +258,11 @@ def require_exact_supported(model: nn.Module, x: torch.Tensor, dist: str = "rade
                             backend: str | None = None) -> None:
     """Raise ``ValueError`` unless :func:`check_exact_supported` holds for ``model`` on input
     ``x`` (a few samples). Once, where exact mode is switched on, before any training; the
-    model's train/eval mode is restored."""
+    model's train/eval mode is restored. ``backend`` as in the config (``"auto"``: the default)."""
     was = model.training
     try:
-        ok = check_exact_supported(model, x, dist=dist, backend=backend)
+        ok = check_exact_supported(model, x, dist=dist,
+                                   backend=None if backend in (None, "auto") else backend)
     finally:
         model.train(was)
     if not ok:

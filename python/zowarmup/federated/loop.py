@@ -200,8 +200,7 @@ class Runner:
                         for i, s in enumerate(shards)]
         if cfg.zo.exact:  # an unsupported model fails here, before any round
             from .exact import require_exact_supported
-            require_exact_supported(self.worker, self.clients[0].x[:2], cfg.zo.dist,
-                                    None if cfg.zo.backend == "auto" else cfg.zo.backend)
+            require_exact_supported(self.worker, self.clients[0].x[:2], cfg.zo.dist, cfg.zo.backend)
         self.x_test, self.y_test = ds.x_test.to(dev), ds.y_test.to(dev)
         self.pivot = cfg.effective_pivot()
         self._ready = True

@@ -46,7 +46,7 @@ from torch import nn
 from .client import Client, apply_broadcast
 from .messages import MsgType, Status, StatusMessage
 from .state import StateLayout, state_checksum
-from .validation import (Limits, Rejected, _check_checksum, check_replay, check_seeds_task,
+from .validation import (Limits, Rejected, check_checksum, check_replay, check_seeds_task,
                          check_task_round, check_weights_download, decode_checked)
 
 log = logging.getLogger("zowarmup.federated")
@@ -80,8 +80,7 @@ class ClientReplica:
         self.exact = client.zo.exact if exact is None else bool(exact)
         if self.exact and client.num_samples:
             from .exact import require_exact_supported
-            require_exact_supported(model, client.x[:2], client.zo.dist,
-                                    None if client.zo.backend == "auto" else client.zo.backend)
+            require_exact_supported(model, client.x[:2], client.zo.dist, client.zo.backend)
         #: (round, reason) of rejected server messages.
         self.rejections: list[tuple[int, str]] = []
 
@@ -154,7 +153,7 @@ class ClientReplica:
                     not self.last_round <= int(last.round) <= lim.rounds:
                 raise Rejected(f"STATUS sync request: round {last.round!r} is stale or outside "
                                f"the run (last seen {self.last_round}, {lim.rounds} rounds)")
-            _check_checksum(last, "STATUS")
+            check_checksum(last, "STATUS")
         else:
             raise Rejected(f"unexpected task message {last.TYPE.name}")
         if len(msgs) == 2:

@@ -162,7 +162,8 @@ def _check_round(msg, round_idx: int, what: str) -> None:
                        f"{round_idx})")
 
 
-def _check_checksum(msg, what: str, required: bool = False) -> None:
+def check_checksum(msg, what: str, required: bool = False) -> None:
+    """Reject ``msg`` unless its ``checksum`` is absent (allowed unless ``required``) or a uint32."""
     ck = getattr(msg, "checksum", None)
     if ck is None:
         if required:
@@ -211,7 +212,7 @@ def check_weights_reply(msg, round_idx: int, limits: Limits, num_samples: int | 
     if not isinstance(msg, WeightsMessage):
         raise Rejected(f"expected a WeightsMessage, got {type(msg).__name__}")
     _check_round(msg, round_idx, "WEIGHTS")
-    _check_checksum(msg, "WEIGHTS")
+    check_checksum(msg, "WEIGHTS")
     _check_array(msg.values, np.float32, "WEIGHTS values", limits.state_size)
     _check_values(msg.values, "WEIGHTS values")
     _check_samples(msg, num_samples, "WEIGHTS")
@@ -225,7 +226,7 @@ def check_grads_reply(msg, round_idx: int, task: SeedsMessage, limits: Limits,
     if not isinstance(msg, GradsMessage):
         raise Rejected(f"expected a GradsMessage, got {type(msg).__name__}")
     _check_round(msg, round_idx, "GRADS")
-    _check_checksum(msg, "GRADS", require_checksum)
+    check_checksum(msg, "GRADS", require_checksum)
     _check_array(msg.values, np.float32, "GRADS values", int(task.seeds.size))
     _check_values(msg.values, "GRADS values")
     _check_samples(msg, num_samples, "GRADS")
@@ -238,7 +239,7 @@ def check_kseed_reply(msg, round_idx: int, limits: Limits, num_samples: int | No
     if not isinstance(msg, KSeedUpdate):
         raise Rejected(f"expected a KSeedUpdate, got {type(msg).__name__}")
     _check_round(msg, round_idx, "KSEED_UPDATE")
-    _check_checksum(msg, "KSEED_UPDATE")
+    check_checksum(msg, "KSEED_UPDATE")
     idx = _check_array(msg.indices, np.uint32, "KSEED_UPDATE indices")
     _check_array(msg.values, np.float32, "KSEED_UPDATE values", idx.size)
     if idx.size > limits.kseed_steps:
@@ -259,7 +260,7 @@ def check_status(msg, round_idx: int) -> StatusMessage:
     if not isinstance(msg, StatusMessage):
         raise Rejected(f"expected a StatusMessage, got {type(msg).__name__}")
     _check_round(msg, round_idx, "STATUS")
-    _check_checksum(msg, "STATUS")
+    check_checksum(msg, "STATUS")
     if not _is_int(msg.code) or int(msg.code) not in {int(s) for s in Status}:
         raise Rejected(f"STATUS: unknown code {msg.code!r}")
     if not _is_int(msg.version) or not -1 <= int(msg.version) <= 2 ** 32:
@@ -295,7 +296,7 @@ def check_seeds_task(msg, last_round: int, limits: Limits) -> SeedsMessage:
     if not isinstance(msg, SeedsMessage):
         raise Rejected(f"expected a SeedsMessage, got {type(msg).__name__}")
     check_task_round(msg.round, last_round, limits, "SEEDS", "zo")
-    _check_checksum(msg, "SEEDS")
+    check_checksum(msg, "SEEDS")
     if not _is_int(msg.steps) or int(msg.steps) != limits.local_steps:
         raise Rejected(f"SEEDS: wrong step count {msg.steps!r}, the run uses "
                        f"{limits.local_steps}")
@@ -309,7 +310,7 @@ def check_broadcast(msg, limits: Limits, what: str = "BROADCAST") -> BroadcastMe
         raise Rejected(f"{what}: expected a BroadcastMessage, got {type(msg).__name__}")
     if not _is_int(msg.round) or not 0 <= int(msg.round) < limits.rounds:
         raise Rejected(f"{what}: round {msg.round!r} outside the run's {limits.rounds} rounds")
-    _check_checksum(msg, what)
+    check_checksum(msg, what)
     s = _check_array(msg.seeds, np.uint64, f"{what} seeds")
     _check_array(msg.coeffs, np.float32, f"{what} coefficients", s.size)
     if s.size > limits.max_broadcast:
@@ -325,7 +326,7 @@ def check_replay(msg, version: int, limits: Limits) -> ReplayMessage:
         raise Rejected(f"expected a ReplayMessage, got {type(msg).__name__}")
     if not _is_int(msg.round) or not 0 <= int(msg.round) <= limits.rounds:
         raise Rejected(f"REPLAY: target round {msg.round!r} outside the run")
-    _check_checksum(msg, "REPLAY")
+    check_checksum(msg, "REPLAY")
     if not isinstance(msg.entries, list) or len(msg.entries) > limits.rounds:
         raise Rejected(f"REPLAY: wrong count: at most {limits.rounds} entries")
     for i, e in enumerate(msg.entries):
@@ -346,7 +347,7 @@ def check_weights_download(msg, limits: Limits) -> WeightsMessage:
         raise Rejected(f"expected a WeightsMessage, got {type(msg).__name__}")
     if not _is_int(msg.round) or not 0 <= int(msg.round) <= limits.rounds:
         raise Rejected(f"WEIGHTS: round {msg.round!r} outside the run")
-    _check_checksum(msg, "WEIGHTS")
+    check_checksum(msg, "WEIGHTS")
     _check_array(msg.values, np.float32, "WEIGHTS values", limits.state_size)
     _check_values(msg.values, "WEIGHTS values")
     return msg
