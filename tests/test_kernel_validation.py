@@ -176,7 +176,7 @@ def test_unknown_dist_rejected(dist):
         zo_kernels.noise(1, 10, dist=dist)
 
 
-@pytest.mark.parametrize("backend", ["gpu", "CPU", "torch", "auto"])
+@pytest.mark.parametrize("backend", ["gpu", "CPU", "torch", "Auto"])
 def test_unknown_backend_rejected(backend):
     _expect_error(ValueError, r"unknown backend .*reference", [_valid()], backend=backend)
 

@@ -69,7 +69,12 @@ def _check_tensors(ts: list[torch.Tensor], fn: str) -> None:
                              "must appear once in the flat vector")
 
 
-def _check_seed_int(s, where: str) -> int:
+def check_seed(s, where: str = "seed") -> int:
+    """``s`` as a Python int if it is an unsigned 64-bit seed (an integer in ``[0, 2**64)``).
+
+    The one seed check of the project: raises TypeError for a non-integer (bool included) and
+    ValueError for an integer out of range, each naming ``where``.
+    """
     if isinstance(s, bool) or not isinstance(s, numbers.Integral):
         raise TypeError(f"{where} must be an int in [0, 2**64), got {type(s).__name__} {s!r}")
     s = int(s)
@@ -92,7 +97,7 @@ def _seeds_tensor(seeds, fn: str) -> torch.Tensor:
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
         raise TypeError(f"{fn}: seeds must be a sequence of ints or an int64 tensor, "
                         f"got {type(seeds).__name__}")
-    vals = [_check_seed_int(s, f"{fn}: seeds[{i}]") for i, s in enumerate(seeds)]
+    vals = [check_seed(s, f"{fn}: seeds[{i}]") for i, s in enumerate(seeds)]
     return torch.tensor([v - _U64 if v > _I63 else v for v in vals], dtype=torch.int64)
 
 
@@ -121,6 +126,14 @@ def _coeffs_tensor(coeffs, fn: str) -> torch.Tensor:
         raise ValueError(f"{fn}: coeffs[{i}] = {float(c[i])} is not finite (after rounding to "
                          "float32); every coefficient must be a finite float32")
     return c
+
+
+def normalize_backend(backend, fn: str = "apply_seeds_") -> str | None:
+    """``None`` for the default backend (``None`` or ``"auto"``), else the checked backend name."""
+    if backend is None or backend == "auto":
+        return None
+    _check_choice(backend, BACKENDS, "backend", fn)
+    return backend
 
 
 def _check_choice(value, allowed, name: str, fn: str):
@@ -286,7 +299,7 @@ def apply_seeds_(tensors: TensorList, seeds, coeffs, decay: float = 1.0, dist: s
         coeffs: K finite coefficients: floats, or a float tensor (rounded to float32 once).
         decay: multiplier applied to the old value (``1 - lr * weight_decay`` in an optimizer).
         dist: ``"rademacher"`` (default) or ``"gaussian"``.
-        backend: None (CPU tensors: ``"cpu"``; CUDA tensors: ``"triton"``) or one of
+        backend: None or ``"auto"`` (CPU tensors: ``"cpu"``; CUDA tensors: ``"triton"``) or one of
             ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
         offset: global index of the first tensor's element 0 (default 0); use ``offsets(all)[k]``
             to update tensor k alone exactly as it would be updated in the whole list.
@@ -307,8 +320,7 @@ def apply_seeds_(tensors: TensorList, seeds, coeffs, decay: float = 1.0, dist: s
     if not math.isfinite(float(torch.tensor(float(decay), dtype=torch.float32))):
         raise ValueError(f"{fn}: decay = {decay!r} overflows float32")
     _check_choice(dist, DISTS, "dist", fn)
-    if backend is not None:
-        _check_choice(backend, BACKENDS, "backend", fn)
+    backend = normalize_backend(backend, fn)
     if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or offset < 0:
         raise ValueError(f"{fn}: offset must be an int >= 0, got {offset!r}")
     ts_nonempty = [t for t in ts if t.numel() > 0]
@@ -334,7 +346,7 @@ def apply_seeds_(tensors: TensorList, seeds, coeffs, decay: float = 1.0, dist: s
 def perturb_(tensors: TensorList, seed, alpha: float, dist: str = "rademacher",
              backend: str | None = None, offset: int = 0) -> None:
     """``p += alpha * z(seed)`` in place: :func:`apply_seeds_` with one seed (same bits)."""
-    _check_seed_int(seed, "perturb_: seed")
+    check_seed(seed, "perturb_: seed")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
         raise TypeError(f"perturb_: alpha must be a real number, got {type(alpha).__name__}")
     apply_seeds_(tensors, [seed], [alpha], 1.0, dist, backend, offset)
@@ -347,7 +359,7 @@ def noise(seed, n: int, offset: int = 0, dist: str = "rademacher", dtype: torch.
     Computed as ``apply_seeds_(zeros(n), [seed], [1.0], offset=offset)`` in float32 (so it is the
     very value every backend adds), then cast to ``dtype``.
     """
-    _check_seed_int(seed, "noise: seed")
+    check_seed(seed, "noise: seed")
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
         raise ValueError(f"noise: n must be an int >= 0, got {n!r}")
     _check_choice(dist, DISTS, "dist", "noise")
