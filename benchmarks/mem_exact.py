@@ -9,7 +9,7 @@ and its growth over the RSS just before (glibc's mmap threshold is fixed at 128 
 children, so RSS follows the live tensors):
 
 - ``inference``: one forward of the batch under ``torch.no_grad()``;
-- ``exact``: ``zowarmup.federated.exact.exact_estimate`` with S seeds (2S forwards; each layer's
+- ``exact``: ``zowarmup.optim.exact.exact_estimate`` with S seeds (2S forwards; each layer's
   perturbed weight written into one reused scratch buffer, stored weights untouched);
 - ``inplace``: ``ZOOptimizer.estimate`` with S seeds (in place +eps/-2eps/+eps; not bit-exact);
 - ``snapshot``: a copy of the parameters, ``ZOOptimizer.estimate``, restore (bit-exact).
@@ -59,7 +59,7 @@ elif cfg["model"] == "mlp_wide":
 model.eval()
 params = list(model.parameters())
 from zowarmup import ZOOptimizer
-from zowarmup.federated.exact import ScratchPerturbation, exact_estimate
+from zowarmup.optim.exact import ScratchPerturbation, exact_estimate
 seeds = [1234 + s for s in range(cfg["S"])]
 eps, c = 1e-3, 0.75
 

@@ -12,11 +12,11 @@ import torch.nn.functional as F
 
 import zo_kernels
 from zowarmup import data as zdata
-from zowarmup.federated import accounting
+from zowarmup import memory as accounting
 from zowarmup.federated import messages as M
 from zowarmup.federated.config import RunConfig, apply_overrides, validate
 from zowarmup.federated.deploy import in_memory_deployment
-from zowarmup.federated.exact import ScratchPerturbation, check_exact_supported, exact_estimate
+from zowarmup.optim.exact import ScratchPerturbation, check_exact_supported, exact_estimate
 from zowarmup.federated.loop import Runner
 from zowarmup.federated.state import state_checksum, states_equal
 from zowarmup.models import build_model

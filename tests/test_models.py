@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from zowarmup import models as M
+from zowarmup import memory as MEM
 
 CONFIGS = [
     # name, in_channels, image_size, norm
@@ -183,7 +184,7 @@ def test_forward_only_and_bf16(name, cin, size, norm):
 def test_memory_table_by_hand():
     model = nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
     b = 8
-    tab = M.model_memory_table(model, b, (10,))
+    tab = MEM.model_memory_table(model, b, (10,))
     w = 4 * (10 * 20 + 20 + 20 * 5 + 5)           # 1300 bytes of fp32 weights
     a1 = 4 * b * (20 + 20)                       # the ReLU: 20 in + 20 out per sample
     a = 4 * b * (10 + 20 + 20 + 5)               # input + every layer's output
@@ -195,35 +196,35 @@ def test_memory_table_by_hand():
     assert tab["backprop_sgdm"]["total_bytes"] == w + 2 * w + a
     assert tab["backprop_adam"]["total_bytes"] == w + 3 * w + a
     assert tab["mezo"]["vs_inference"] == pytest.approx((w + a1 + p) / (w + a1))
-    aliased = M.model_memory_table(model, b, (10,), methods=("fedavg", "zowarmup", "fedadam",
+    aliased = MEM.model_memory_table(model, b, (10,), methods=("fedavg", "zowarmup", "fedadam",
                                                               "adam"))
     assert aliased["fedavg"] == tab["backprop_sgd"] and aliased["zowarmup"] == tab["zo"]
     assert aliased["fedadam"] == tab["backprop_sgd"]  # FedAdam clients run SGD
     assert aliased["adam"] == tab["backprop_adam"]
     with pytest.raises(ValueError, match="unknown memory method"):
-        M.model_memory_table(model, b, (10,), methods=("lora",))
+        MEM.model_memory_table(model, b, (10,), methods=("lora",))
     with pytest.raises(ValueError, match="input_shape"):
-        M.model_memory_table(model, b, ())
+        MEM.model_memory_table(model, b, ())
 
 
 def test_memory_table_frozen_params_bf16_and_modes():
     model = M.build_model("cnn", 10, 1, 8, norm="bn")
     model.train()
     model.features[0].eval()  # a mixed state must survive the profiling forward
-    full = M.model_memory_table(model, 16, (1, 8, 8))
+    full = MEM.model_memory_table(model, 16, (1, 8, 8))
     assert model.training and not model.features[0].training and model.features[1].training
     n = M.count_parameters(model)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     assert full["inference"]["weights"] == 4 * n + buffers
-    totals = [full[m]["total_bytes"] for m in M.MEMORY_METHODS]
+    totals = [full[m]["total_bytes"] for m in MEM.MEMORY_METHODS]
     assert totals[0] == totals[1] < totals[2] < totals[3] < totals[4] < totals[5]
     # Frozen parameters need no gradient or optimizer state.
     model.fc.requires_grad_(False)
-    frozen = M.model_memory_table(model, 16, (1, 8, 8), methods=("backprop_adam",))
+    frozen = MEM.model_memory_table(model, 16, (1, 8, 8), methods=("backprop_adam",))
     fc = 4 * (model.fc.weight.numel() + model.fc.bias.numel())
     assert frozen["backprop_adam"]["grads"] == full["backprop_adam"]["grads"] - fc
     # bf16 halves weights and activations (buffers: num_batches_tracked stays int64).
-    half = M.model_memory_table(model.to(torch.bfloat16), 16, (1, 8, 8))
+    half = MEM.model_memory_table(model.to(torch.bfloat16), 16, (1, 8, 8))
     assert half["inference"]["activations"] * 2 == full["inference"]["activations"]
 
 
@@ -232,8 +233,8 @@ def test_memory_table_meta_equals_real():
     real = M.build_model("resnet18", 10, 3, 32, norm="gn")
     with torch.device("meta"):
         meta = M.build_model("resnet18", 10, 3, 32, norm="gn")
-    t_real = M.model_memory_table(real, 32, (3, 32, 32))
-    t_meta = M.model_memory_table(meta, 32, (3, 32, 32))
+    t_real = MEM.model_memory_table(real, 32, (3, 32, 32))
+    t_meta = MEM.model_memory_table(meta, 32, (3, 32, 32))
     assert t_real == t_meta
     # The largest single activation of this ResNet is a 64x32x32 map: A1 = in + out of one
     # 3x3 conv at full resolution, 2 * 64*32*32 floats per sample.

@@ -1,12 +1,11 @@
-"""Models for ZOWarmUp experiments, and the on-device memory each training method needs.
+"""Models for ZOWarmUp experiments (the memory each training method needs is in :mod:`zowarmup.memory`).
 
 Public API:
 
 - :func:`build_model` - ``"resnet18"`` (CIFAR-style, BatchNorm or GroupNorm), ``"vit_small"``,
   ``"vit_b16"``, ``"cnn"``, ``"mlp"``; all take NCHW float input and return (N, num_classes)
   logits.
-- :func:`model_memory_table` - memory per method by formula (the paper's Table 1) for any model;
-  :func:`activation_profile` - the per-layer activation sizes it is built on.
+- :func:`count_parameters` - parameter elements (shared ones once).
 
 All models are plain ``nn.Module`` s built only from standard layers: no in-place activation
 tricks, so a forward under ``torch.no_grad()`` (zeroth-order training) and a backward (FedAvg
@@ -27,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ["build_model", "MODELS", "NORMS", "ResNet18", "VisionTransformer", "SmallCNN", "MLP",
-           "activation_profile", "model_memory_table", "MEMORY_METHODS", "count_parameters"]
+           "count_parameters"]
 
 #: Names understood by :func:`build_model`.
 MODELS = ("resnet18", "vit_small", "vit_b16", "cnn", "mlp")
@@ -407,171 +406,3 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameter elements (shared parameters counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-# --------------------------------------------------------------------------------------------------
-# Memory by formula (the paper's Table 1)
-# --------------------------------------------------------------------------------------------------
-
-#: Methods :func:`model_memory_table` knows, with the aliases it accepts.
-MEMORY_METHODS = ("inference", "zo", "mezo", "backprop_sgd", "backprop_sgdm", "backprop_adam")
-# FedAvg and FedAdam clients both run plain SGD (FedAdam's Adam state lives on the server), so both
-# alias backprop_sgd.
-_ALIASES = {"zowarmup": "zo", "zo_fused": "zo", "fedavg": "backprop_sgd", "fedadam": "backprop_sgd",
-            "backprop": "backprop_sgd", "sgd": "backprop_sgd", "sgdm": "backprop_sgdm",
-            "adam": "backprop_adam"}
-_OPT_STATES = {"backprop_sgd": 0, "backprop_sgdm": 1, "backprop_adam": 2}
-
-
-def _tensor_bytes(obj) -> int:
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, (tuple, list)):
-        return sum(_tensor_bytes(o) for o in obj)
-    if isinstance(obj, dict):
-        return sum(_tensor_bytes(o) for o in obj.values())
-    return 0
-
-
-def activation_profile(model: nn.Module, input_shape, batch_size: int = 1,
-                       dtype: torch.dtype | None = None) -> dict:
-    """Activation sizes from one forward pass with hooks on every leaf module.
-
-    The forward runs on ONE sample (eval mode, ``torch.no_grad``; the model's train/eval flags are
-    restored afterwards) on the model's device and in its parameter dtype, or ``dtype`` if given;
-    a model on the ``meta`` device runs without computing anything. Sizes are then multiplied by
-    ``batch_size``: activations of the models here are linear in the batch.
-
-    Args:
-        model: any ``nn.Module`` taking one tensor.
-        input_shape: per-sample shape, e.g. ``(3, 32, 32)`` (no batch dimension).
-        batch_size: samples per forward.
-        dtype: input dtype (default: the first floating parameter's dtype, else float32).
-
-    Returns:
-        dict with (all bytes, for ``batch_size`` samples):
-        ``input_bytes``; ``layer_peak_bytes`` = max over leaf modules of (input + output bytes), the
-        live activations while one layer runs; ``total_bytes`` = input + the sum of every leaf's
-        output, what backprop keeps for the backward pass; ``layers`` = list of
-        ``(module_name, input_bytes, output_bytes)``.
-    """
-    batch_size = _pos_int("batch_size", batch_size)
-    try:
-        input_shape = tuple(int(s) for s in input_shape)
-    except TypeError:
-        raise ValueError(f"input_shape must be a per-sample shape such as (3, 32, 32), got "
-                         f"{input_shape!r}") from None
-    if not input_shape or any(s < 1 for s in input_shape):
-        raise ValueError(f"input_shape must be a per-sample shape of positive sizes, got "
-                         f"{input_shape!r}")
-    params = [p for p in model.parameters()] + [b for b in model.buffers()]
-    device = params[0].device if params else torch.device("cpu")
-    if dtype is None:
-        dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
-    layers: list[tuple[str, int, int]] = []
-    handles = []
-    for mod_name, m in model.named_modules():
-        if next(m.children(), None) is None:
-            def hook(mod, args, out, _n=mod_name):
-                layers.append((_n, _tensor_bytes(args), _tensor_bytes(out)))
-            handles.append(m.register_forward_hook(hook))
-    flags = {m: m.training for m in model.modules()}
-    x = torch.zeros((1, *input_shape), dtype=dtype, device=device)
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-        for m, f in flags.items():
-            m.training = f
-    in_b = _tensor_bytes(x)
-    peak = max([i + o for _, i, o in layers], default=in_b)
-    total = in_b + sum(o for _, _, o in layers)
-    return {"input_bytes": in_b * batch_size, "layer_peak_bytes": peak * batch_size,
-            "total_bytes": total * batch_size,
-            "layers": [(n, i * batch_size, o * batch_size) for n, i, o in layers]}
-
-
-def model_memory_table(model: nn.Module, batch_size: int, input_shape,
-                       methods=MEMORY_METHODS, dtype: torch.dtype | None = None) -> dict:
-    """On-device training memory per method, by formula (the paper's Table 1), for any model.
-
-    Terms (bytes): ``W`` = parameters + buffers in their dtypes; ``G`` = trainable parameters (one
-    gradient each, same dtype); ``P`` = the largest single parameter tensor; ``A1`` = activations
-    live while one layer runs (:func:`activation_profile` ``layer_peak_bytes``); ``A`` = all
-    activations kept for backprop (``total_bytes``). ``batch_size`` is the samples per forward
-    (for ZO: the micro-batch, since the whole-dataset step is evaluated in micro-batches).
-
-    ============== ================= ===========================================================
-    method         formula           why
-    ============== ================= ===========================================================
-    inference      W + A1            a forward frees each activation once the next layer ran
-    zo             W + A1            ours: noise is regenerated inside the fused kernels, never
-                                     stored; the S projected gradients are S floats
-    mezo           W + A1 + P        MeZO materializes z for one parameter tensor at a time
-    backprop_sgd   W + G + A         FedAvg client SGD (no momentum)
-    backprop_sgdm  W + 2G + A        + a momentum buffer
-    backprop_adam  W + 3G + A        + Adam's two moments
-    ============== ================= ===========================================================
-
-    These are lower bounds that ignore allocator overhead, framework workspace and temporaries
-    inside a layer (e.g. attention scores), which is why the measured peak is reported beside them.
-
-    Args:
-        model: any ``nn.Module`` taking one tensor.
-        batch_size: samples per forward.
-        input_shape: per-sample input shape, e.g. ``(3, 32, 32)``.
-        methods: names from :data:`MEMORY_METHODS`, or the aliases ``zowarmup``/``zo_fused``
-            (zo), ``fedavg``/``fedadam``/``backprop``/``sgd`` (backprop_sgd: in both FedAvg and
-            FedAdam the client runs SGD; FedAdam's moments live on the server), ``sgdm``
-            (backprop_sgdm), ``adam`` (backprop_adam). Output keys are the names as given.
-        dtype: activation dtype (default: the model's parameter dtype).
-
-    Returns:
-        ``{method: {"total_bytes", "weights", "grads", "optimizer_state", "activations", "noise",
-        "formula", "vs_inference"}}``, all sizes in bytes (ints); ``vs_inference`` = total /
-        inference total.
-    """
-    if isinstance(methods, str):
-        methods = (methods,)
-    canon = {}
-    for m in methods:
-        c = _ALIASES.get(m, m)
-        if c not in MEMORY_METHODS:
-            raise ValueError(f"unknown memory method {m!r}; expected one of "
-                             f"{', '.join(MEMORY_METHODS + tuple(_ALIASES))}")
-        canon[m] = c
-    prof = activation_profile(model, input_shape, batch_size, dtype)
-    seen = set()
-    w = g = p_max = 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        b = p.numel() * p.element_size()
-        w += b
-        p_max = max(p_max, b)
-        if p.requires_grad:
-            g += b
-    w += sum(b.numel() * b.element_size() for b in model.buffers())
-    a1, a = prof["layer_peak_bytes"], prof["total_bytes"]
-    inference = w + a1
-    table = {}
-    for name, c in canon.items():
-        row = {"weights": w, "grads": 0, "optimizer_state": 0, "activations": a1, "noise": 0}
-        if c in ("inference", "zo"):
-            row["formula"] = "W + A1"
-        elif c == "mezo":
-            row["noise"] = p_max
-            row["formula"] = "W + A1 + P"
-        else:
-            k = _OPT_STATES[c]
-            row.update(grads=g, optimizer_state=k * g, activations=a)
-            row["formula"] = "W + G + A" if k == 0 else f"W + {k + 1}G + A"
-        row["total_bytes"] = (row["weights"] + row["grads"] + row["optimizer_state"]
-                              + row["activations"] + row["noise"])
-        row["vs_inference"] = row["total_bytes"] / inference
-        table[name] = row
-    return table

@@ -34,6 +34,31 @@ import numbers
 
 __all__ = ["derive_seed", "sample_seeds", "SEED_SCHEME_VERSION", "SALT", "GAMMA"]
 
+# ------------------------------------------------------------------------------------------------
+# Stream tags: the one list of every random stream's tag. A tag is the word after the run seed in
+# ``derive_seed(run_seed, TAG, ...)`` (torch generators and noise seeds) or in numpy's
+# ``SeedSequence([seed, TAG, ...])`` (data splits), so that two streams of one run never share
+# random numbers. The values are part of the results: changing one changes every run.
+# ------------------------------------------------------------------------------------------------
+#: numpy streams of :mod:`zowarmup.data`: train/test split, Dirichlet partition, hi/lo assignment,
+#: per-round client sampling, optional subset of a data set.
+TAG_DATA_SPLIT = 0x5E1
+TAG_DATA_PARTITION = 0xD1C
+TAG_DATA_RESOURCES = 0x4E5
+TAG_DATA_SAMPLE = 0x5A3
+TAG_DATA_SUBSET = 0x5B5
+#: torch's global RNG: the global model's initialisation, and the per-round reseed.
+TAG_INIT = 0x1417
+TAG_ROUND = 0x20D
+#: a client's SGD batch order in a warm-up round.
+TAG_SGD = 0x5C1
+#: FedKSeed: which pool seed a local step uses, and its mini-batch.
+TAG_KSEED_INDEX = 0x4B1
+TAG_KSEED_BATCH = 0x4B2
+#: the server's ZO seeds of a round, and FedKSeed's seed pool.
+TAG_ZO_SEEDS = 0x2E0
+TAG_POOL = 0x9001
+
 #: Version of the derivation scheme documented above (recorded in optimizer checkpoints).
 SEED_SCHEME_VERSION = 1
 #: Initial chain value: the ASCII bytes of "zowarmup" read as a big-endian 64-bit integer.

@@ -35,16 +35,12 @@ from torch import nn
 
 import zo_kernels
 
-from ..seeds import derive_seed
+from ..optim.functional import update_coeff, update_coeffs
+from ..seeds import derive_seed, TAG_SGD, TAG_KSEED_INDEX, TAG_KSEED_BATCH
 from .config import KSeedConfig, WarmupConfig, ZOConfig
 from .messages import (BroadcastMessage, GradsMessage, KSeedTask, KSeedUpdate, SeedsMessage,
                        WeightsMessage)
 from .state import StateLayout
-
-#: Tags mixed into derive_seed so each use of the run seed draws an independent stream.
-TAG_SGD = 0x5C1
-TAG_KSEED_INDEX = 0x4B1
-TAG_KSEED_BATCH = 0x4B2
 
 
 def _backend(name: str):
@@ -186,7 +182,7 @@ class Client:
 
         grads: list[float] = []
         if exact:
-            from .exact import ScratchPerturbation, exact_estimate
+            from ..optim.exact import ScratchPerturbation, exact_estimate
             sp = ScratchPerturbation(model, self.zo.dist, _backend(self.zo.backend))
             pre: list = []
             for k in range(steps):
@@ -197,7 +193,7 @@ class Client:
                 if not all(math.isfinite(v) for v in g):
                     grads.extend([float("nan")] * (len(seeds) - len(grads)))
                     break
-                pre.append((ks, [-self.zo.lr * self.zo.scale * v / S for v in g]))
+                pre.append((ks, update_coeffs(g, self.zo.lr, self.zo.scale)))
             return GradsMessage(msg.round, np.asarray(grads, dtype=np.float32), self.num_samples)
 
         params = list(model.parameters())
@@ -213,7 +209,7 @@ class Client:
                     grads.extend([float("nan")] * (len(seeds) - len(grads)))
                     break
                 if k + 1 < steps:
-                    opt.apply(ks, [-self.zo.lr * self.zo.scale * v / S for v in g])
+                    opt.apply(ks, update_coeffs(g, self.zo.lr, self.zo.scale))
         finally:
             if saved is not None:
                 with torch.no_grad():
@@ -254,7 +250,7 @@ class Client:
                 acc[k] = acc.get(k, 0.0) + g
                 if not math.isfinite(g):
                     break
-                opt.apply([seed], [-cfg.lr * cfg.scale * g])
+                opt.apply([seed], [update_coeff(g, cfg.lr, cfg.scale, 1)])
         finally:
             if saved is not None:
                 with torch.no_grad():

@@ -171,7 +171,7 @@ class ZOConfig:
         exact: exact evaluation mode: clients evaluate ``w +- eps c z`` in a scratch buffer the
             size of the largest layer and never write their stored weights, so a client that
             keeps its model between rounds stays bit-identical to the server
-            (``zowarmup.federated.exact``). Changes the projected gradients in the last bits
+            (``zowarmup.optim.exact``). Changes the projected gradients in the last bits
             (L- at ``fl(w - eps c z)`` instead of the in-place ``fl(fl(w + eps c z) - 2 eps c z)``).
             Default false: the in-place step (the embedded runner reloads every client's model
             from the server, so it needs no exactness; deployments use snapshot or this).

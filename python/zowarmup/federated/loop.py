@@ -44,8 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import data as zdata
+from .. import memory
 from .. import models as zmodels
-from ..seeds import derive_seed
+from ..seeds import derive_seed, TAG_INIT, TAG_ROUND
 from . import accounting
 from .checkpoint import (atomic_write_text, config_hash, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
@@ -58,8 +59,6 @@ from .state import copy_state_
 
 log = logging.getLogger("zowarmup.federated")
 
-TAG_INIT = 0x1417
-TAG_ROUND = 0x20D
 
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
@@ -199,7 +198,7 @@ class Runner:
         self.clients = [make_client(cfg, ds, s, i, dev, self.server.pool)
                         for i, s in enumerate(shards)]
         if cfg.zo.exact:  # an unsupported model fails here, before any round
-            from .exact import require_exact_supported
+            from ..optim.exact import require_exact_supported
             require_exact_supported(self.worker, self.clients[0].x[:2], cfg.zo.dist, cfg.zo.backend)
         self.x_test, self.y_test = ds.x_test.to(dev), ds.y_test.to(dev)
         self.pivot = cfg.effective_pivot()
@@ -315,7 +314,7 @@ class Runner:
 
     # -- memory ----------------------------------------------------------------------------------
     def memory_report(self) -> dict:
-        """Formula table (``models.model_memory_table``) and measured peaks for this model.
+        """Formula table (``zowarmup.memory.model_memory_table``) and measured peaks for this model.
 
         Measured: ``inference`` (one forward of a ZO micro-batch), ``zo_step`` (a client's whole
         ZO step with S seeds on its local data), ``backprop_step`` (one client SGD step of
@@ -329,13 +328,13 @@ class Runner:
         model = copy.deepcopy(self.model)
         formula = {
             "zo_batch": b_zo, "backprop_batch": b_bp,
-            "forward_methods": zmodels.model_memory_table(model, b_zo, ds.input_shape,
+            "forward_methods": memory.model_memory_table(model, b_zo, ds.input_shape,
                                                           methods=("inference", "zo", "mezo")),
-            "backprop_methods": zmodels.model_memory_table(
+            "backprop_methods": memory.model_memory_table(
                 model, b_bp, ds.input_shape,
                 methods=("backprop_sgd", "backprop_sgdm", "backprop_adam")),
         }
-        weights = accounting.tensor_bytes(model)
+        weights = memory.tensor_bytes(model)
         c0 = max(self.clients, key=lambda c: c.num_samples)
         x = c0.x[:b_zo]
 
@@ -362,7 +361,7 @@ class Runner:
 
         measured = {}
         for name, fn in (("inference", infer), ("zo_step", zo_step), ("backprop_step", bp_step)):
-            peak = accounting.measure_peak(fn, self.device)
+            peak = memory.measure_peak(fn, self.device)
             measured[name] = {"weights": weights, "peak_transient": peak,
                               "total_bytes": weights + peak if peak >= 0 else None}
         inf = measured["inference"]["total_bytes"]

@@ -79,7 +79,7 @@ class ClientReplica:
         self.last_round = 0
         self.exact = client.zo.exact if exact is None else bool(exact)
         if self.exact and client.num_samples:
-            from .exact import require_exact_supported
+            from ..optim.exact import require_exact_supported
             require_exact_supported(model, client.x[:2], client.zo.dist, client.zo.backend)
         #: (round, reason) of rejected server messages.
         self.rejections: list[tuple[int, str]] = []

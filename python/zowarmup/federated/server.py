@@ -43,7 +43,8 @@ from torch import nn
 
 import zo_kernels
 
-from ..seeds import derive_seed
+from ..optim.functional import update_coeffs_array
+from ..seeds import derive_seed, TAG_ZO_SEEDS, TAG_POOL
 from .client import apply_broadcast
 from .config import RunConfig
 from .messages import (BroadcastMessage, GradsMessage, KSeedTask, KSeedUpdate, MsgType,
@@ -56,8 +57,6 @@ log = logging.getLogger("zowarmup.federated")
 
 #: Serialized WeightsMessage size without the floats: header (8) + num_samples (4) + n (8).
 HEADER_AND_WEIGHTS = 20
-TAG_ZO_SEEDS = 0x2E0
-TAG_POOL = 0x9001
 #: Sentinel "holds no usable model version" in :attr:`Server.held`.
 NO_MODEL = -1
 
@@ -353,17 +352,19 @@ class Server:
     def _zo_coeffs(self, tasks, replies, kept, w, lr_scale):
         z = self.cfg.zo
         S = z.num_seeds
-        base = -lr_scale * z.lr * z.scale / S
+        def coeffs_of(c):
+            return update_coeffs_array(replies[c].values, z.lr, z.scale, S, w[c], lr_scale)
+
         if z.seed_sharing == "shared":
             seeds = tasks[kept[0]].seeds
             acc = np.zeros(seeds.size, dtype=np.float64)
             for c in kept:
-                acc += (base * w[c]) * replies[c].values.astype(np.float64)
+                acc += coeffs_of(c)
             return seeds.copy(), acc.astype(np.float32)
         seeds, coeffs = [], []
         for c in kept:
             seeds.append(tasks[c].seeds)
-            coeffs.append((base * w[c]) * replies[c].values.astype(np.float64))
+            coeffs.append(coeffs_of(c))
         return np.concatenate(seeds), np.concatenate(coeffs).astype(np.float32)
 
     def aggregate_zo(self, round_idx: int, tasks: dict[int, SeedsMessage],
@@ -425,7 +426,8 @@ class Server:
                 acc[idx] += w[c] * r.values.astype(np.float64)
                 used[idx] = True
         idx = np.flatnonzero(used)
-        coeffs = (-self.cfg.zo.server_lr * k.lr * k.scale * acc[idx]).astype(np.float32)
+        coeffs = update_coeffs_array(acc[idx], k.lr, k.scale, 1,
+                                     server_lr=self.cfg.zo.server_lr).astype(np.float32)
         res.broadcast = BroadcastMessage(round_idx, self.pool[idx], coeffs)
         apply_broadcast(self.model, res.broadcast, self.dist, self.backend)
         self.log[round_idx] = res.broadcast

@@ -50,6 +50,8 @@ from torch import nn
 
 import zo_kernels
 
+from .functional import projected_grad
+
 _ALIGN = 64  # bytes: every slice starts on a cache line (and any dtype's alignment)
 
 
@@ -228,7 +230,7 @@ def exact_estimate(model: nn.Module, closure: Callable[[], float], seeds: Sequen
             losses.append(lm)
             if not math.isfinite(lm):
                 break
-            grads.append((lp - lm) / (2.0 * float(eps)))
+            grads.append(projected_grad(lp, lm, float(eps)))
     grads += [math.nan] * (len(seeds) - len(grads))
     return grads, losses
 

@@ -21,7 +21,8 @@ from torch.nn.modules.batchnorm import _NormBase
 
 import zo_kernels
 
-from .seeds import SEED_SCHEME_VERSION, sample_seeds
+from .functional import decay_factor, projected_grad, update_coeffs
+from ..seeds import SEED_SCHEME_VERSION, sample_seeds
 
 __all__ = ["ZOOptimizer", "ZOEstimate", "freeze_running_stats", "running_stats_once",
            "PRECISION_WARN_FRACTION"]
@@ -699,7 +700,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 ok = False
                 break
             if i % 2:
-                grads.append((values[i - 1] - v) / (2.0 * eps_ref))
+                grads.append(projected_grad(values[i - 1], v, eps_ref))
         if disp is not None and (not ok or not keep_last):
             self._undo(*disp)
         return losses, grads, ok
@@ -709,14 +710,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         lr_f = _real(group["lr"] if lr is None else lr, "lr")
         c = _real(group["scale"], "scale")
         ratio = self._eps_ref() / _real(group["eps"], "eps")
-        n = len(grads)
-        coeffs = []
-        for g in grads:
-            v = -lr_f * c * g / n
-            if ratio != 1.0:
-                v *= ratio
-            coeffs.append(v)
-        return tuple(coeffs), 1.0 - lr_f * _real(group["weight_decay"], "weight_decay")
+        coeffs = update_coeffs(grads, lr_f, c, weight=ratio)
+        return tuple(coeffs), decay_factor(lr_f, _real(group["weight_decay"], "weight_decay"))
 
     def _finish(self, ok: bool, what: str) -> None:
         st = self.zo_state
