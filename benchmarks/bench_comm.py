@@ -75,7 +75,7 @@ def measure(model_key: str, rng: np.random.Generator) -> list[dict]:
 
     from zowarmup.federated import messages as M
     from zowarmup.federated.config import load_config
-    from zowarmup.federated.loop import build_global_model
+    from zowarmup.federated.federation import build_global_model
     from zowarmup.federated.server import Server
     repo = Path(__file__).resolve().parents[1]
     st = SETTINGS[model_key]

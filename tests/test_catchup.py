@@ -32,7 +32,7 @@ def digits():
 
 def _server_after_zo_rounds(cfg, ds, rounds):
     """A server that ran ``rounds`` ZO rounds (clients 0..3, snapshot probes), and its log."""
-    from zowarmup.federated.loop import build_global_model, client_shards, make_client
+    from zowarmup.federated.federation import build_global_model, client_shards, make_client
     model = build_global_model(cfg, ds)
     srv = Server(cfg, model, cfg.data.num_clients)
     shards = client_shards(cfg, ds)

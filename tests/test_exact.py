@@ -112,7 +112,7 @@ class _BypassesHooks(torch.nn.Module):
 
 
 def test_exact_mode_refuses_an_unsupported_model_before_training(digits, monkeypatch, tmp_path):
-    from zowarmup.federated import loop
+    from zowarmup.federated import federation
     from zowarmup.federated.replica import build_replica
     cfg = tiny("zo.exact=true")
     with pytest.raises(ValueError, match="zo.exact"):
@@ -120,7 +120,7 @@ def test_exact_mode_refuses_an_unsupported_model_before_training(digits, monkeyp
     assert not build_replica(tiny(), digits, 0, model=_BypassesHooks()).exact  # snapshot: fine
     assert build_replica(cfg, digits, 0).exact                  # a supported model: fine
     # the embedded runner refuses at setup, before any round
-    monkeypatch.setattr(loop, "build_global_model", lambda cfg, ds: _BypassesHooks())
+    monkeypatch.setattr(federation, "build_global_model", lambda cfg, ds: _BypassesHooks())
     with pytest.raises(ValueError, match="zo.exact"):
         Runner(cfg, tmp_path / "run", dataset=digits).run()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -34,7 +34,7 @@ def digits():
 
 @pytest.fixture()
 def server(digits):
-    from zowarmup.federated.loop import build_global_model
+    from zowarmup.federated.federation import build_global_model
     cfg = cfg_for()
     srv = Server(cfg, build_global_model(cfg, digits), 10)
     srv.registered[:] = 30

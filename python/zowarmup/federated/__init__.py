@@ -3,17 +3,24 @@
 Modules:
 
 - :mod:`.config` - :class:`RunConfig` and its sections, TOML/JSON loading, validation.
+- :mod:`.methods` - the registry of methods (ZOWarmUp and every baseline): one module per method
+  family, one line per method.
 - :mod:`.messages` - the protocol's messages and their compact binary serialization.
 - :mod:`.client` / :mod:`.server` - the protocol logic, message in -> message out (no loop).
-- :mod:`.loop` - :class:`Runner`, the embedded single-process runner (metrics, checkpoints).
+- :mod:`.federation` - the setup every run shares: device, data split, global model, server,
+  clients, per-round sampling.
+- :mod:`.driver` - the one round driver (sampling, seeds, aggregation, evaluation, records,
+  summaries, bytes) over an exchange: in-process clients or a transport to deployed clients.
+- :mod:`.loop` - :class:`Runner`, the embedded single-process runner (run folder, checkpoints).
 - :mod:`.experiment` - a method beside its baselines over seeds, and the comparison table.
-- :mod:`.exact` - exact ZO evaluation (perturbed weights in a scratch buffer, stored weights
-  untouched), for clients that keep their own model.
 - :mod:`.validation` - checks of untrusted messages before they touch state.
 - :mod:`.replica` / :mod:`.deploy` - deployments: a client keeping its own model (catch-up,
-  checksums) and the :class:`~.deploy.Coordinator` running rounds over a transport with deadlines
-  and repairs (in-memory here; Flower in :mod:`zowarmup.flower`).
+  checksums) and the :class:`~.deploy.Coordinator` running the driver over a transport with
+  deadlines and repairs (in-memory here; Flower in :mod:`zowarmup.flower`).
 - :mod:`.accounting`, :mod:`.checkpoint`, :mod:`.plotting`, :mod:`.state` - helpers.
+
+The exact ZO evaluation mode is :mod:`zowarmup.optim.exact`; the ZO arithmetic is
+:mod:`zowarmup.optim.functional`.
 
 Quick start::
 

@@ -35,16 +35,14 @@ from torch import nn
 
 import zo_kernels
 
+from ..optim import ZOOptimizer
+from ..optim.exact import ScratchPerturbation, exact_estimate
 from ..optim.functional import update_coeff, update_coeffs
 from ..seeds import derive_seed, TAG_SGD, TAG_KSEED_INDEX, TAG_KSEED_BATCH
 from .config import KSeedConfig, WarmupConfig, ZOConfig
 from .messages import (BroadcastMessage, GradsMessage, KSeedTask, KSeedUpdate, SeedsMessage,
                        WeightsMessage)
 from .state import StateLayout
-
-
-def _backend(name: str):
-    return None if name == "auto" else name
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -138,10 +136,9 @@ class Client:
 
     # -- phase 2: ZO -----------------------------------------------------------------------------
     def _optimizer(self, model: nn.Module, lr: float, scale: float, num_samples: int):
-        from ..optim import ZOOptimizer
         return ZOOptimizer(list(model.parameters()), lr=lr, eps=self.zo.eps,
                            num_samples=num_samples, dist=self.zo.dist, scale=scale,
-                           backend=_backend(self.zo.backend))
+                           backend=self.zo.backend)
 
     def fit_zo(self, model: nn.Module, msg: SeedsMessage, snapshot: bool = False,
                exact: bool | None = None) -> GradsMessage:
@@ -182,13 +179,12 @@ class Client:
 
         grads: list[float] = []
         if exact:
-            from ..optim.exact import ScratchPerturbation, exact_estimate
-            sp = ScratchPerturbation(model, self.zo.dist, _backend(self.zo.backend))
+            sp = ScratchPerturbation(model, self.zo.dist, self.zo.backend)
             pre: list = []
             for k in range(steps):
                 ks = seeds[k * S:(k + 1) * S]
                 g, _ = exact_estimate(model, closure, ks, self.zo.eps, self.zo.scale,
-                                      self.zo.dist, _backend(self.zo.backend), pre, sp)
+                                      self.zo.dist, self.zo.backend, pre, sp)
                 grads.extend(g)
                 if not all(math.isfinite(v) for v in g):
                     grads.extend([float("nan")] * (len(seeds) - len(grads)))
@@ -263,7 +259,7 @@ class Client:
     # -- everyone --------------------------------------------------------------------------------
     def apply_broadcast(self, model: nn.Module, msg: BroadcastMessage) -> None:
         """Apply the round's (seed, coeff) list to ``model``'s parameters, exactly as the server."""
-        apply_broadcast(model, msg, self.zo.dist, _backend(self.zo.backend))
+        apply_broadcast(model, msg, self.zo.dist, self.zo.backend)
 
 
 def apply_broadcast(model: nn.Module, msg: BroadcastMessage, dist: str = "rademacher",

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import methods as _methods
+
 try:  # Python >= 3.11
     import tomllib
 except ModuleNotFoundError:  # pragma: no cover - Python 3.10: the tomli backport, if installed
@@ -43,22 +45,11 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10: the tomli backpor
     except ModuleNotFoundError:
         tomllib = None
 
-#: Federated methods (``method`` key). Phase 1 = warm-up (FedAvg/FedAdam over high-resource
-#: clients), phase 2 = rounds from the pivot on.
-METHODS = {
-    "zowarmup": "warm-up on high-resource clients, then seed-only ZO rounds for every client",
-    "high_res_only": "phase 1 (FedAvg/FedAdam over high-resource clients) for all rounds",
-    "zo_only": "seed-only ZO rounds for every client from a random init (no warm-up)",
-    "fedkseed": "FedKSeed from a random init: shared pool of K seeds, several local ZO steps",
-    "zowarmup_fedkseed": "warm-up, then FedKSeed as the phase-2 method",
-    "zowarmup_hilo": "warm-up, then high-resource clients keep FedAvg while low-resource ones run ZO",
-}
+#: Federated methods (``method`` key) -> description, from the registry (:mod:`.methods`). Phase 1 =
+#: warm-up (FedAvg/FedAdam over high-resource clients), phase 2 = rounds from the pivot on.
+METHODS = {n: m.description for n, m in _methods.REGISTRY.items()}
 #: Human-readable names used in tables and plots.
-METHOD_LABELS = {
-    "zowarmup": "ZOWarmUp", "high_res_only": "High Res Only", "zo_only": "ZO only (no warm-up)",
-    "fedkseed": "FedKSeed", "zowarmup_fedkseed": "ZOWarmUp + FedKSeed",
-    "zowarmup_hilo": "ZOWarmUp (hi keep FedAvg)",
-}
+METHOD_LABELS = {n: m.label for n, m in _methods.REGISTRY.items()}
 DATASETS = ("digits", "cifar10", "imagenet32", "mnist", "npz")
 MODELS = ("mlp", "cnn", "resnet18", "vit_small", "vit_b16")
 NORMS = ("none", "bn", "gn", "ln")
@@ -265,21 +256,11 @@ class RunConfig:
     # -- helpers -------------------------------------------------------------------------------
     def effective_pivot(self) -> int:
         """First phase-2 round for this method (``rounds`` when there is no phase 2)."""
-        if self.method == "high_res_only":
-            return self.rounds
-        if self.method in ("zo_only", "fedkseed"):
-            return 0
-        return self.pivot
+        return _methods.get(self.method).pivot(self.rounds, self.pivot)
 
     def phase(self, round_idx: int) -> str:
         """``"warmup"``, ``"zo"``, ``"fedkseed"`` or ``"hilo"``: what round ``round_idx`` runs."""
-        if round_idx < self.effective_pivot():
-            return "warmup"
-        if self.method in ("fedkseed", "zowarmup_fedkseed"):
-            return "fedkseed"
-        if self.method == "zowarmup_hilo":
-            return "hilo"
-        return "zo"
+        return _methods.get(self.method).phase_name(round_idx, self.rounds, self.pivot)
 
     def to_dict(self) -> dict:
         """Plain nested dict (JSON-serializable)."""

@@ -1,18 +1,15 @@
 """The embedded runner: one process simulates the server and all clients, round by round.
 
-:class:`Runner` drives :class:`~.server.Server` and :class:`~.client.Client` through the rounds of
-one training run. Every message crosses as bytes (``to_bytes`` on one side, ``from_bytes`` on the
-other), and the bytes each client sends and receives are counted from those serialized messages.
+:class:`Runner` runs the one round driver (:class:`~.driver.RoundDriver`) over in-process clients
+(:class:`~.driver.LocalExchange`) and adds what a run needs around it: the run folder, metrics,
+checkpoints and resume, the memory report, the progress bar and the plot. Every message crosses as
+bytes (``to_bytes`` on one side, ``from_bytes`` on the other), and the bytes each client sends and
+receives are counted from those serialized messages.
 
 Run folder (``runs/<name>-<timestamp>/<method>-seed<k>/`` by default):
 
 - ``config.json``: the resolved config (loadable again with ``--config``);
-- ``metrics.jsonl``: one JSON object per round: ``round``, ``phase``, ``accuracy``, ``loss`` (test
-  set; null on rounds without evaluation), ``clients`` (participants), ``dropped`` (replies
-  dropped as NaN/inf/malformed) and ``dropped_clients``, ``bytes_up_per_client`` /
-  ``bytes_down_per_client`` (mean over participants, including any catch-up download),
-  ``bytes_up_total`` / ``bytes_down_total`` (all N clients, including broadcasts to
-  non-participants) and ``bytes_down_sync`` (catch-up downloads: weights or seed-log replays);
+- ``metrics.jsonl``: one round record per line (fields in :mod:`.driver`);
 - ``summary.json``: final/best accuracy, per-phase communication, memory, timing, notes;
 - ``accuracy.png``: accuracy against rounds with the pivot marked; ``run.log``: events;
 - ``checkpoint.pt``: written atomically every ``checkpoint_every`` rounds and at the end.
@@ -39,23 +36,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import data as zdata
 from .. import memory
-from .. import models as zmodels
-from ..seeds import derive_seed, TAG_INIT, TAG_ROUND
-from . import accounting
+from ..optim.exact import require_exact_supported
 from .checkpoint import (atomic_write_text, config_hash, load_checkpoint, rng_state,
                          save_checkpoint, set_rng_state)
-from .client import Client, has_batchnorm
-from .config import METHOD_LABELS, ConfigError, RunConfig, load_file, validate
-from .messages import (GradsMessage, KSeedUpdate, SeedsMessage, WeightsMessage,
-                       KSeedTask)
-from .server import NO_MODEL, Server
-from .state import copy_state_
+from .client import has_batchnorm
+from .config import METHOD_LABELS, RunConfig, load_file, validate
+from .driver import LocalExchange, RoundDriver
+from .federation import Federation
+from .messages import SeedsMessage
 
 log = logging.getLogger("zowarmup.federated")
 
@@ -67,87 +59,9 @@ PLOT = "accuracy.png"
 RUNLOG = "run.log"
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU raises ValueError."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu' or 'auto'")
-    return torch.device(name)
-
-
-def build_global_model(cfg: RunConfig, ds) -> torch.nn.Module:
-    """The initial global model: ``build_model`` under ``torch.manual_seed(derive_seed(seed, TAG))``,
-    so every client can rebuild version 0 from the run seed."""
-    torch.manual_seed(derive_seed(cfg.seed, TAG_INIT) >> 1)
-    norm = cfg.model.norm
-    if cfg.model.name.startswith("vit"):
-        norm = None if norm in ("none", "ln") else norm
-    try:
-        return zmodels.build_model(cfg.model.name, ds.num_classes, ds.in_channels, ds.image_size,
-                                   norm=norm, **cfg.model.options)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot build model.name={cfg.model.name!r} with model.norm="
-                          f"{cfg.model.norm!r}, model.options={cfg.model.options!r} for "
-                          f"{ds.name} ({ds.in_channels}x{ds.image_size}x{ds.image_size}): {e}") from None
-
-
-def client_shards(cfg: RunConfig, ds) -> list:
-    """The Dirichlet label split of ``ds``'s training set into ``data.num_clients`` shards (index
-    arrays), deterministic in ``cfg.seed``; shard i is client i's data in every runner."""
-    return zdata.dirichlet_partition(ds.y_train, cfg.data.num_clients, cfg.data.alpha, cfg.seed,
-                                     num_classes=ds.num_classes)
-
-
-def make_client(cfg: RunConfig, ds, shard, cid: int, device, pool=None) -> Client:
-    """Client ``cid`` holding ``ds``'s training samples ``shard`` on ``device``."""
-    return Client(cid, ds.x_train[torch.as_tensor(shard)].to(device),
-                  ds.y_train[torch.as_tensor(shard)].to(device), cfg.seed, cfg.warmup, cfg.zo,
-                  cfg.fedkseed, pool)
-
-
-def sample_round(cfg: RunConfig, r: int, phase: str, hi_ids) -> list[int]:
-    """The clients taking part in round ``r`` (``phase`` = ``cfg.phase(r)``): a draw from the
-    high-resource clients ``hi_ids`` during warm-up, from all N afterwards."""
-    N = cfg.data.num_clients
-    if phase == "warmup":
-        k = cfg.warmup.clients_per_round or len(hi_ids)
-        ids = zdata.sample_clients(N, min(k, len(hi_ids)), r, cfg.seed, candidates=hi_ids)
-    else:
-        k = min(cfg.zo.clients_per_round or N, N)
-        ids = zdata.sample_clients(N, k, r, cfg.seed)
-    return [int(c) for c in ids]
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> tuple[float, float]:
-    """(accuracy in [0, 1], mean cross-entropy) of ``model`` in eval mode on (x, y)."""
-    model.eval()
-    correct, loss, n = 0, 0.0, x.shape[0]
-    for i in range(0, n, batch):
-        out = model(x[i:i + batch]).float()
-        loss += float(F.cross_entropy(out, y[i:i + batch], reduction="sum"))
-        correct += int((out.argmax(1) == y[i:i + batch]).sum())
-    return correct / max(n, 1), loss / max(n, 1)
-
-
-class _Bytes:
-    """Bytes sent to/from each client in one round."""
-
-    def __init__(self):
-        self.up: dict[int, int] = {}
-        self.down: dict[int, int] = {}
-        self.sync = 0
-
-    def add_up(self, c: int, n: int):
-        self.up[c] = self.up.get(c, 0) + int(n)
-
-    def add_down(self, c: int, n: int):
-        self.down[c] = self.down.get(c, 0) + int(n)
-
-
 class Runner:
-    """One training run (one method, one seed) in one process.
+    """One training run (one method, one seed) in one process: the round driver over in-process
+    clients (:class:`~.driver.LocalExchange`), plus the run folder, checkpoints and progress.
 
     Args:
         cfg: the run's config (``cfg.for_run(method, seed)``: ``baselines`` empty); validated here.
@@ -169,148 +83,26 @@ class Runner:
 
     # -- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Load data, split it, build the model, the server and the clients."""
+        """Load data, split it, build the model, the server, the clients and the round driver."""
         if self._ready:
             return
         cfg = self.cfg
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        self.device = resolve_device(cfg.device)
-        if self.device.type == "cuda":
-            torch.backends.cudnn.deterministic = True
-            torch.backends.cudnn.benchmark = False
-        ds = self._dataset if self._dataset is not None else zdata.load_dataset(cfg.data.name,
-                                                                                 cfg.data.root)
-        self.dataset = ds
-        N = cfg.data.num_clients
-        if N > ds.x_train.shape[0]:
-            raise ValueError(f"data.num_clients={N} exceeds the {ds.x_train.shape[0]} training "
-                             f"samples of {ds.name}")
-        shards = client_shards(cfg, ds)
-        self.shards = shards
-        self.hi = zdata.assign_resources(N, cfg.data.hi_fraction, cfg.seed)
-        self.hi_ids = np.flatnonzero(self.hi)
-        model = build_global_model(cfg, ds).to(self.device)
-        self.model = model
-        self.worker = copy.deepcopy(model)
-        self.server = Server(cfg, model, N)
-        dev = self.device
-        self.clients = [make_client(cfg, ds, s, i, dev, self.server.pool)
-                        for i, s in enumerate(shards)]
+        fed = Federation(cfg, self._dataset, clients=True)
+        self.fed = fed
+        self.device, self.dataset, self.model, self.server = fed.device, fed.dataset, fed.model, fed.server
+        self.hi, self.hi_ids, self.shards, self.clients = fed.hi, fed.hi_ids, fed.shards, fed.clients
+        self.x_test, self.y_test, self.pivot = fed.x_test, fed.y_test, fed.pivot
+        self.exchange = LocalExchange(fed)
+        self.worker = self.exchange.worker
         if cfg.zo.exact:  # an unsupported model fails here, before any round
-            from ..optim.exact import require_exact_supported
             require_exact_supported(self.worker, self.clients[0].x[:2], cfg.zo.dist, cfg.zo.backend)
-        self.x_test, self.y_test = ds.x_test.to(dev), ds.y_test.to(dev)
-        self.pivot = cfg.effective_pivot()
+        self.driver = RoundDriver(fed, self.exchange)
         self._ready = True
-
-    # -- one round -------------------------------------------------------------------------------
-    def _sample(self, r: int, phase: str) -> list[int]:
-        return sample_round(self.cfg, r, phase, self.hi_ids)
-
-    def _catch_up(self, c: int, r: int, nb: _Bytes) -> None:
-        """Bring client c to version r (counting a replay or a weights download, the smaller)."""
-        srv = self.server
-        if int(srv.held[c]) == r:
-            return
-        cost = srv.catch_up_bytes(c, r)
-        nb.add_down(c, cost)
-        nb.sync += cost
-        srv.held[c] = r
-
-    def _run_warmup_clients(self, r: int, ids: list[int], nb: _Bytes) -> dict:
-        srv = self.server
-        down = srv.weights_message(r).to_bytes()
-        replies = {}
-        for c in ids:
-            reply = self.clients[c].fit_warmup(self.worker, WeightsMessage.from_bytes(down),
-                                               srv.layout)
-            up = reply.to_bytes()
-            nb.add_down(c, len(down))
-            nb.add_up(c, len(up))
-            replies[c] = WeightsMessage.from_bytes(up)
-            srv.held[c] = NO_MODEL
-        return replies
-
-    def _run_zo_clients(self, r: int, ids: list[int], nb: _Bytes) -> tuple[dict, dict]:
-        srv = self.server
-        tasks, replies = {}, {}
-        for c in ids:
-            task = srv.zo_seeds(r, c)
-            down = task.to_bytes()
-            copy_state_(self.worker, self.model)  # the client holds version r (caught up above)
-            reply = self.clients[c].fit_zo(self.worker, SeedsMessage.from_bytes(down))
-            up = reply.to_bytes()
-            nb.add_down(c, len(down))
-            nb.add_up(c, len(up))
-            tasks[c] = task
-            replies[c] = GradsMessage.from_bytes(up)
-        return tasks, replies
-
-    def _run_kseed_clients(self, r: int, ids: list[int], nb: _Bytes) -> dict:
-        srv = self.server
-        down = srv.kseed_task(r).to_bytes()
-        replies = {}
-        for c in ids:
-            copy_state_(self.worker, self.model)
-            reply = self.clients[c].fit_kseed(self.worker, KSeedTask.from_bytes(down))
-            up = reply.to_bytes()
-            nb.add_down(c, len(down))
-            nb.add_up(c, len(up))
-            replies[c] = KSeedUpdate.from_bytes(up)
-        return replies
 
     def run_round(self, r: int) -> dict:
         """Run round ``r`` (sampling, client work, aggregation, accounting); return its record
         without the evaluation fields."""
-        cfg, srv = self.cfg, self.server
-        N = cfg.data.num_clients
-        phase = cfg.phase(r)
-        torch.manual_seed(derive_seed(cfg.seed, TAG_ROUND, r) >> 1)
-        ids = self._sample(r, phase)
-        nb = _Bytes()
-        replayable_phase = (phase == "fedkseed") or (phase == "zo" and srv.adam_zo is None)
-        if phase == "warmup":
-            replies = self._run_warmup_clients(r, ids, nb)
-            res = srv.aggregate_weights(r, replies)[0]
-            srv.log[r] = None
-        elif phase in ("zo", "fedkseed"):
-            everyone = replayable_phase and cfg.zo.sync == "broadcast"
-            for c in (range(N) if everyone else ids):
-                self._catch_up(c, r, nb)
-            if phase == "zo":
-                tasks, replies = self._run_zo_clients(r, ids, nb)
-                res = srv.aggregate_zo(r, tasks, replies)
-            else:
-                replies = self._run_kseed_clients(r, ids, nb)
-                res = srv.aggregate_kseed(r, replies)
-            if res.broadcast is not None:
-                b = len(res.broadcast.to_bytes())
-                for c in (range(N) if everyone else ids):
-                    if srv.held[c] == r:
-                        nb.add_down(c, b)
-                        srv.held[c] = r + 1
-        elif phase == "hilo":
-            hi_ids = [c for c in ids if self.hi[c]]
-            lo_ids = [c for c in ids if not self.hi[c]]
-            wrep = self._run_warmup_clients(r, hi_ids, nb)
-            for c in lo_ids:
-                self._catch_up(c, r, nb)
-            tasks, grep = self._run_zo_clients(r, lo_ids, nb)
-            res = srv.aggregate_hilo(r, wrep, tasks, grep)
-        else:  # pragma: no cover - config validation prevents it
-            raise ValueError(f"unknown phase {phase!r}")
-        for c in res.dropped:
-            log.warning("round %d: dropped client %d (non-finite or malformed reply)", r, c)
-        n = max(len(ids), 1)
-        return {
-            "round": r, "phase": phase, "accuracy": None, "loss": None,
-            "clients": len(ids), "dropped": len(res.dropped), "dropped_clients": res.dropped,
-            "bytes_up_per_client": sum(nb.up.get(c, 0) for c in ids) / n,
-            "bytes_down_per_client": sum(nb.down.get(c, 0) for c in ids) / n,
-            "bytes_up_total": sum(nb.up.values()), "bytes_down_total": sum(nb.down.values()),
-            "bytes_down_sync": nb.sync,
-        }
+        return self.driver.run_round(r)
 
     # -- memory ----------------------------------------------------------------------------------
     def memory_report(self) -> dict:
@@ -456,11 +248,8 @@ class Runner:
         with open(self._metrics_path(), "a") as mf:
             for r in range(start, R):
                 tr = time.perf_counter()
-                rec = self.run_round(r)
+                rec = self.driver.step(r)
                 last = r == R - 1
-                if (r + 1) % cfg.eval_every == 0 or last or r + 1 == self.pivot:
-                    acc, loss = evaluate(self.model, self.x_test, self.y_test, cfg.eval_batch_size)
-                    rec["accuracy"], rec["loss"] = acc, loss
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
                 phase_time[rec["phase"]] = phase_time.get(rec["phase"], 0.0) + time.perf_counter() - tr
@@ -496,44 +285,21 @@ class Runner:
         })
 
     def _summary(self, memory, wall, elapsed_before, phase_time, train_time) -> dict:
-        cfg = self.cfg
-        recs = read_metrics(self.run_dir)
-        evals = [r for r in recs if r["accuracy"] is not None]
-        final = evals[-1] if evals else None
-        notes = []
-        if self.pivot < cfg.rounds and cfg.phase(self.pivot) == "zo" and cfg.zo.server_opt == "fedadam":
-            notes.append("phase-2 server optimizer is FedAdam: its update is not replayable from "
-                         "seeds, so every sampled client downloads the full weights each round "
-                         "(counted in bytes_down)")
-        if self.pivot < cfg.rounds and cfg.phase(self.pivot) == "hilo":
-            notes.append("hi+lo: the FedAvg part makes every phase-2 update dense, so clients "
-                         "download weights when sampled (counted in bytes_down)")
-        comm = accounting.phase_summary(recs)
-        return {
-            "method": cfg.method, "label": METHOD_LABELS[cfg.method], "seed": cfg.seed,
-            "rounds": cfg.rounds, "pivot": self.pivot,
-            "final_accuracy": final["accuracy"] if final else None,
-            "final_loss": final["loss"] if final else None,
-            "best_accuracy": max((r["accuracy"] for r in evals), default=None),
-            "accuracy_at_pivot": next((r["accuracy"] for r in evals if r["round"] + 1 == self.pivot),
-                                      None),
-            "dropped_total": int(sum(r["dropped"] for r in recs)),
-            "communication": comm,
-            "bytes_up_total": int(sum(r["bytes_up_total"] for r in recs)),
-            "bytes_down_total": int(sum(r["bytes_down_total"] for r in recs)),
-            "model": {"name": cfg.model.name, "parameters": int(sum(p.numel() for p in
-                                                                   self.model.parameters())),
+        summary = self.driver.summary(read_metrics(self.run_dir))
+        summary.update({
+            "model": {"name": self.cfg.model.name,
+                      "parameters": int(sum(p.numel() for p in self.model.parameters())),
                       "state_floats": self.server.layout.size},
-            "clients": {"num": cfg.data.num_clients, "high_resource": int(self.hi.sum()),
+            "clients": {"num": self.cfg.data.num_clients, "high_resource": int(self.hi.sum()),
                         "samples_per_client": [int(c.num_samples) for c in self.clients]},
             "memory": memory,
-            "notes": notes,
             "device": str(self.device),
             "wall_time_s": wall + elapsed_before,
             "wall_time_this_process_s": wall,
             "train_time_this_process_s": train_time,
             "phase_time_this_process_s": phase_time,
-        }
+        })
+        return summary
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -14,7 +14,7 @@ and scalars travel. :class:`ClientReplica` is that client: it wraps the same :cl
   against it before it is loaded (a mismatch is rejected); after catching up the client compares
   its own and, on a mismatch, answers ``DESYNC`` instead of probing a wrong model (the server
   repairs it with a weights download). Its gradients carry its checksum;
-- exact ZO evaluation: ``zo.exact`` (scratch buffer, :mod:`.exact`) or a parameter snapshot, so
+- exact ZO evaluation: ``zo.exact`` (scratch buffer, :mod:`zowarmup.optim.exact`) or a parameter snapshot, so
   probing never moves the stored weights;
 - validation of everything the server sends (:mod:`.validation`); a rejected message changes
   nothing and is answered with ``REJECTED`` and the reason. A task that does not fit the version
@@ -44,14 +44,16 @@ import torch
 from torch import nn
 
 from .client import Client, apply_broadcast
+from ..optim.exact import require_exact_supported
+from .federation import build_global_model, client_shards, make_client
+from .methods import require_deployable
 from .messages import MsgType, Status, StatusMessage
-from .state import StateLayout, state_checksum
+from .state import NO_MODEL, StateLayout, state_checksum
 from .validation import (Limits, Rejected, check_checksum, check_replay, check_seeds_task,
                          check_task_round, check_weights_download, decode_checked)
 
 log = logging.getLogger("zowarmup.federated")
 
-NO_MODEL = -1
 
 
 class ClientReplica:
@@ -66,7 +68,7 @@ class ClientReplica:
         exact: evaluate ZO perturbations in a scratch buffer (``True``, ``zo.exact``) instead of
             in place with a parameter snapshot (``False``); either way the stored weights end
             bit-identical. Exact mode checks the model first
-            (:func:`.exact.require_exact_supported`: ``ValueError`` when unsupported).
+            (:func:`zowarmup.optim.exact.require_exact_supported`: ``ValueError`` when unsupported).
     """
 
     def __init__(self, client: Client, model: nn.Module, limits: Limits, version: int = 0,
@@ -79,7 +81,6 @@ class ClientReplica:
         self.last_round = 0
         self.exact = client.zo.exact if exact is None else bool(exact)
         if self.exact and client.num_samples:
-            from ..optim.exact import require_exact_supported
             require_exact_supported(model, client.x[:2], client.zo.dist, client.zo.backend)
         #: (round, reason) of rejected server messages.
         self.rejections: list[tuple[int, str]] = []
@@ -194,7 +195,7 @@ class ClientReplica:
                 return StatusMessage(target, Status.DESYNC, self.version,
                                      f"cannot replay rounds {first}..{target - 1} onto version "
                                      f"{self.version}", self._ck_or_none())
-            backend = None if self.client.zo.backend == "auto" else self.client.zo.backend
+            backend = self.client.zo.backend
             for e in cu.entries[self.version - first:]:
                 apply_broadcast(self.model, e, self.client.zo.dist, backend)
                 self.version = int(e.round) + 1
@@ -250,15 +251,16 @@ class ClientReplica:
         return [reply]
 
 
-def build_replica(cfg, ds, cid: int, device="cpu", shards=None, model=None) -> ClientReplica:
+def build_replica(cfg, ds, cid: int, device="cpu", shards=None, model=None,
+                  client: Client | None = None, where: str = "deployments") -> ClientReplica:
     """Client ``cid``'s replica for config ``cfg`` and dataset ``ds``: its shard of the Dirichlet
-    split, the initial model (version 0, built from the run seed), and the run's limits."""
-    from .loop import build_global_model, client_shards, make_client
-    if cfg.method not in DEPLOYABLE_METHODS:
-        raise ValueError(f"method {cfg.method!r} runs embedded only; deployments support "
-                         f"{', '.join(DEPLOYABLE_METHODS)}")
-    shards = client_shards(cfg, ds) if shards is None else shards
-    client = make_client(cfg, ds, shards[cid], cid, torch.device(device))
+    split (or the given ``client``), the initial model (version 0, built from the run seed without
+    moving torch's global RNG), and the run's limits. Every deployment (in memory, Flower) builds
+    its clients here."""
+    require_deployable(cfg.method, where)
+    if client is None:
+        shards = client_shards(cfg, ds) if shards is None else shards
+        client = make_client(cfg, ds, shards[cid], cid, torch.device(device))
     if model is None:
         rng = torch.get_rng_state()
         model = build_global_model(cfg, ds).to(device)
@@ -266,7 +268,3 @@ def build_replica(cfg, ds, cid: int, device="cpu", shards=None, model=None) -> C
     lim = Limits.from_config(cfg, StateLayout(model).size)
     return ClientReplica(client, model, lim, 0)
 
-
-#: Methods a deployment (Flower, the in-memory transport) runs: warm-up and seed-only ZO rounds.
-#: FedKSeed and hi+lo variants run in the embedded runner only.
-DEPLOYABLE_METHODS = ("zowarmup", "high_res_only", "zo_only")

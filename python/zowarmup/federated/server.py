@@ -47,9 +47,10 @@ from ..optim.functional import update_coeffs_array
 from ..seeds import derive_seed, TAG_ZO_SEEDS, TAG_POOL
 from .client import apply_broadcast
 from .config import RunConfig
-from .messages import (BroadcastMessage, GradsMessage, KSeedTask, KSeedUpdate, MsgType,
-                       ReplayMessage, SeedsMessage, WeightsMessage)
-from .state import StateLayout, state_checksum
+from .messages import (CHECKSUM_BYTES, HEADER_BYTES, BroadcastMessage, GradsMessage, KSeedTask,
+                       KSeedUpdate, MsgType, ReplayMessage, SeedsMessage, WeightsMessage)
+from .methods import get as get_method
+from .state import NO_MODEL, StateLayout, state_checksum
 from .validation import (Limits, Rejected, check_grads_reply, check_kseed_reply, check_status,
                          check_weights_reply, decode_checked)
 
@@ -57,8 +58,6 @@ log = logging.getLogger("zowarmup.federated")
 
 #: Serialized WeightsMessage size without the floats: header (8) + num_samples (4) + n (8).
 HEADER_AND_WEIGHTS = 20
-#: Sentinel "holds no usable model version" in :attr:`Server.held`.
-NO_MODEL = -1
 
 
 @dataclass
@@ -130,7 +129,7 @@ class Server:
         self.adam_zo = (ServerAdam(self.params, z.beta1, z.beta2, z.tau)
                         if z.server_opt == "fedadam" else None)
         self.pool = None
-        if cfg.method in ("fedkseed", "zowarmup_fedkseed"):
+        if get_method(cfg.method).seed_pool:
             self.pool = np.asarray([derive_seed(cfg.seed, TAG_POOL, k)
                                     for k in range(cfg.fedkseed.pool_size)], dtype=np.uint64)
         #: held[i]: the global model version (= rounds applied) client i holds; version 0, the
@@ -158,8 +157,8 @@ class Server:
 
     @property
     def backend(self):
-        """``zo_kernels`` backend (None = pick per device)."""
-        return None if self.cfg.zo.backend == "auto" else self.cfg.zo.backend
+        """``zo_kernels`` backend name (``"auto"``: picked per device by ``zo_kernels``)."""
+        return self.cfg.zo.backend
 
     def weights_message(self, round_idx: int, checksum: int | None = None) -> WeightsMessage:
         """The current global state as a WeightsMessage (server -> client)."""
@@ -229,6 +228,24 @@ class Server:
             return None
 
     # -- catch-up --------------------------------------------------------------------------------
+    def _catch_up_plan(self, cid: int, round_idx: int, held: int | None, checksum: bool
+                       ) -> tuple[str, int]:
+        """("none" | "replay" | "weights", serialized size) of what client ``cid`` needs to hold
+        version ``round_idx``: the seed-log replay of rounds ``held .. round_idx-1`` when every one
+        of them is replayable and it is not larger than the weights (ties: the replay), else the
+        weights. Sizes are computed without flattening the model (45 MB for ResNet-18)."""
+        h = int(self.held[cid]) if held is None else int(held)
+        if h == round_idx:
+            return "none", 0
+        extra = CHECKSUM_BYTES if checksum else 0
+        w_len = HEADER_AND_WEIGHTS + 4 * self.layout.size + extra
+        if h != NO_MODEL and 0 <= h < round_idx and self.replayable(h, round_idx):
+            replay = (HEADER_BYTES + extra + 4
+                      + sum(len(self.log[t].to_bytes()) for t in range(h, round_idx)))
+            if replay <= w_len:
+                return "replay", replay
+        return "weights", w_len
+
     def catch_up_message(self, cid: int, round_idx: int, held: int | None = None,
                          checksum: int | None = None):
         """What client ``cid`` (holding version ``held``, default ``self.held[cid]``) needs to hold
@@ -238,27 +255,18 @@ class Server:
 
         ``checksum`` (the server's state checksum at ``round_idx``) is attached when given.
         """
-        h = int(self.held[cid]) if held is None else int(held)
-        if h == round_idx:
+        kind, _ = self._catch_up_plan(cid, round_idx, held, checksum is not None)
+        if kind == "none":
             return None
-        if h != NO_MODEL and 0 <= h < round_idx and self.replayable(h, round_idx):
-            replay = ReplayMessage(round_idx, [self.log[t] for t in range(h, round_idx)], checksum)
-            # compare sizes without flattening the model (45 MB for ResNet-18) for nothing
-            w_len = HEADER_AND_WEIGHTS + 4 * self.layout.size + (0 if checksum is None else 4)
-            if len(replay.to_bytes()) <= w_len:
-                return replay
+        if kind == "replay":
+            h = int(self.held[cid]) if held is None else int(held)
+            return ReplayMessage(round_idx, [self.log[t] for t in range(h, round_idx)], checksum)
         return self.weights_message(round_idx, checksum)
 
     def catch_up_bytes(self, cid: int, round_idx: int, held: int | None = None) -> int:
-        """Serialized size of :meth:`catch_up_message` (0 when the client is current)."""
-        h = int(self.held[cid]) if held is None else int(held)
-        if h == round_idx:
-            return 0
-        cost = HEADER_AND_WEIGHTS + 4 * self.layout.size
-        if h != NO_MODEL and 0 <= h < round_idx and self.replayable(h, round_idx):
-            replay = 12 + sum(len(self.log[t].to_bytes()) for t in range(h, round_idx))
-            cost = min(cost, replay)
-        return cost
+        """Serialized size of :meth:`catch_up_message` without a checksum (0 when the client is
+        current), without building it."""
+        return self._catch_up_plan(cid, round_idx, held, False)[1]
 
     @staticmethod
     def _weights(replies: dict, kept: list) -> dict:

@@ -14,6 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
+#: Sentinel "holds no usable model version" (a client's version after local SGD, or unknown).
+NO_MODEL = -1
+
 
 @dataclass(frozen=True)
 class _Entry:

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .methods import get as get_method
 from .messages import (CHECKSUM_BYTES, HEADER_BYTES, MAX_REASON_BYTES, BroadcastMessage,
                        GradsMessage, KSeedTask, KSeedUpdate, MsgType, ReplayMessage, SeedsMessage,
                        Status, StatusMessage, WeightsMessage, _CLASSES, _read_header)
@@ -86,7 +87,7 @@ class Limits:
         z, k = cfg.zo, cfg.fedkseed
         per = z.num_seeds * z.local_steps
         n = cfg.data.num_clients
-        kseed = cfg.method in ("fedkseed", "zowarmup_fedkseed")
+        kseed = get_method(cfg.method).seed_pool
         mb = per if z.seed_sharing == "shared" else per * n
         if kseed:
             mb = max(mb, k.pool_size)

@@ -49,8 +49,13 @@ from flwr.serverapp.strategy import Strategy
 from flwr.serverapp.strategy.result import Result
 
 from ..federated.checkpoint import config_hash
+from ..federated.client import Client
 from ..federated.config import RunConfig, load_config
-from ..federated.messages import decode
+from ..federated.deploy import Coordinator
+from ..federated.federation import client_shards, make_client
+from ..federated.messages import Status, StatusMessage, decode
+from ..federated.methods import require_deployable
+from ..federated.replica import build_replica
 from ..federated.validation import Limits, Rejected
 from .records import reply_from_records, task_from_records, to_records, wire_bytes
 
@@ -214,18 +219,19 @@ class ZOWarmUpStrategy(Strategy):
         self.coordinator = None
         self.transport = None
 
-    # The Strategy interface, for one round (start() drives them with repairs and deadlines).
+    # Flower's Strategy interface asks for per-round hooks; this strategy does not use them:
+    # start() runs every round itself through the Coordinator (the one round driver), because a
+    # ZOWarmUp round may need a second exchange within its deadline (repairs) and catch-up tasks
+    # that Flower's one-message-per-node round cannot express.
     def configure_train(self, server_round, arrays, config, grid):
-        """Messages of round ``server_round - 1`` (Flower counts from 1)."""
-        tasks = self.coordinator.begin_round(server_round - 1)
-        return self.transport.messages(tasks)[0]
+        """Not used: :meth:`start` drives the rounds (raises if Flower ever calls it)."""
+        raise NotImplementedError("ZOWarmUpStrategy runs its rounds in start(); "
+                                  "configure_train is not part of its loop")
 
     def aggregate_train(self, server_round, replies):
-        """Validate and aggregate the round's replies; returns (None, round metrics)."""
-        rep, up = self.transport.replies(replies)
-        self.coordinator.receive(rep, {}, up)
-        rec = self.coordinator.end_round()
-        return None, _round_metrics(rec)
+        """Not used: :meth:`start` drives the rounds (raises if Flower ever calls it)."""
+        raise NotImplementedError("ZOWarmUpStrategy runs its rounds in start(); "
+                                  "aggregate_train is not part of its loop")
 
     def configure_evaluate(self, server_round, arrays, config, grid):
         """No client-side evaluation: the server evaluates the global model on the test set."""
@@ -246,7 +252,6 @@ class ZOWarmUpStrategy(Strategy):
 
         ``initial_arrays`` is ignored: every client builds version 0 from the run seed.
         """
-        from ..federated.deploy import Coordinator
         self.summary()
         cfg = self.cfg
         self.transport = FlowerTransport(grid, cfg, self.discovery_timeout)
@@ -340,10 +345,6 @@ def _replica(cfg: RunConfig, context: Context):
 
     import torch
 
-    from ..federated.client import Client
-    from ..federated.loop import build_global_model, client_shards, make_client
-    from ..federated.replica import DEPLOYABLE_METHODS, ClientReplica
-    from ..federated.state import StateLayout
     nc = dict(context.node_config)
     if "partition-id" not in nc:
         raise ValueError("this SuperNode has no partition-id: start it with --node-config "
@@ -352,9 +353,7 @@ def _replica(cfg: RunConfig, context: Context):
     if n != cfg.data.num_clients or not 0 <= cid < n:
         raise ValueError(f"node-config partition-id={cid} num-partitions={n} does not fit "
                          f"data.num_clients={cfg.data.num_clients}")
-    if cfg.method not in DEPLOYABLE_METHODS:
-        raise ValueError(f"method {cfg.method!r} runs embedded only; Flower runs "
-                         f"{', '.join(DEPLOYABLE_METHODS)}")
+    require_deployable(cfg.method, "Flower runs")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     st = context.state
@@ -376,11 +375,7 @@ def _replica(cfg: RunConfig, context: Context):
                 st[_STATE_DS] = ConfigRecord({"name": ds.name, "num_classes": ds.num_classes,
                                               "in_channels": ds.in_channels,
                                               "image_size": ds.image_size})
-        rng = torch.get_rng_state()
-        model = build_global_model(cfg, ds)
-        torch.set_rng_state(rng)
-        from ..federated.validation import Limits
-        rep = ClientReplica(client, model, Limits.from_config(cfg, StateLayout(model).size), 0)
+        rep = build_replica(cfg, ds, cid, "cpu", client=client, where="Flower runs")
         rep._initial = rep.layout.flatten(rep.model)
         _CACHE[key] = rep
     if _STATE_W in st:
@@ -418,7 +413,6 @@ def _client_handle(cfg: RunConfig, msg: Message, context: Context) -> Message:
 
 
 def _rejected_status(rep, reason: str) -> bytes:
-    from ..federated.messages import Status, StatusMessage
     log.warning("client %d: rejected the server's records: %s", rep.client.cid, reason)
     rep.rejections.append((rep.last_round, reason))
     ck = rep.checksum() if rep.version != -1 else None

@@ -125,6 +125,8 @@ def _check_dist(dist) -> str:
 
 
 def _check_backend(backend):
+    if backend == "auto":
+        return None
     if backend is not None and backend not in zo_kernels.BACKENDS:
         raise ValueError(f"Invalid backend = {backend!r}: expected None (automatic) or one of "
                          f"{', '.join(map(repr, zo_kernels.BACKENDS))}")
