@@ -5,8 +5,11 @@ import numbers
 
 import numpy as np
 
+from zo_kernels import check_seed
+
 from ..seeds import (TAG_DATA_PARTITION, TAG_DATA_RESOURCES, TAG_DATA_SAMPLE,  # noqa: F401
                      TAG_DATA_SPLIT, TAG_DATA_SUBSET)
+
 
 def _check_int(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -20,13 +23,8 @@ def _check_int(name: str, value, lo: int | None = None, hi: int | None = None) -
 
 
 def _check_seed(seed) -> int:
-    return _check_int("seed", seed, 0)
+    return check_seed(seed, "seed")
 
 
 def _rng(seed: int, *tags: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, *tags]))
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading
-# --------------------------------------------------------------------------------------------------
