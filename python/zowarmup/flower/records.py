@@ -28,24 +28,28 @@ so a list never mixes negative values with values >= 2**63, which Flower 1.41 re
 values ride as Python floats (exactly). A task is one RecordDict holding its catch-up (if any) and
 its main message; a reply holds one message.
 
-Decoding (:func:`task_from_records`, :func:`reply_from_records`) checks keys, record kinds, Python
-types, list lengths against :class:`~zowarmup.federated.validation.Limits` (before converting),
-seeds in ``[0, 2**64)``, and the array's dtype, shape and byte size, raising
-:class:`~zowarmup.federated.validation.Rejected`; the result then goes through the same
-:mod:`~zowarmup.federated.validation` checks as the binary messages.
+Decoding (:func:`task_from_records`, :func:`reply_from_records`) has one codec: the binary one of
+:mod:`~zowarmup.federated.messages`. The records layer checks only what belongs to Flower's
+containers -- keys, record kinds, Python types, and sizes against
+:class:`~zowarmup.federated.validation.Limits` before anything is converted (list lengths, the
+array's dtype, shape and byte size) -- builds the message, and passes its serialized form through
+:func:`~zowarmup.federated.validation.decode_checked`, exactly as a binary message from the
+in-memory transport; field ranges (uint fields, seeds, the reason's length) are the message
+definitions'. Anything malformed raises :class:`~zowarmup.federated.validation.Rejected`; the
+result then goes through the same protocol checks as every other message.
 """
 from __future__ import annotations
 
 import numbers
+import struct
 from typing import Mapping
 
 import numpy as np
 
-from ..federated.messages import (BroadcastMessage, GradsMessage, MsgType, ReplayMessage,
-                                  SeedsMessage, StatusMessage, WeightsMessage)
-from ..federated.validation import Limits, Rejected
+from ..federated.messages import (MAX_REASON_BYTES, BroadcastMessage, GradsMessage, MsgType,
+                                  ReplayMessage, SeedsMessage, StatusMessage, WeightsMessage)
+from ..federated.validation import Limits, Rejected, decode_checked
 
-_U64 = 2 ** 64
 _TASK_KEYS = {"seeds", "replay", "weights", "weights.meta", "status"}
 _REPLY_KEYS = {"grads", "weights", "weights.meta", "status"}
 
@@ -106,11 +110,9 @@ def to_records(msgs: list):
 # ------------------------------------------------------------------------------------------------
 # records -> message (validated)
 # ------------------------------------------------------------------------------------------------
-def _int(v, what: str, lo: int = 0, hi: int = 2 ** 32) -> int:
+def _int(v, what: str) -> int:
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
         raise Rejected(f"{what}: expected an integer, got {type(v).__name__}")
-    if not lo <= int(v) < hi:
-        raise Rejected(f"{what}: {int(v)} out of range [{lo}, {hi})")
     return int(v)
 
 
@@ -125,12 +127,8 @@ def _list(v, what: str, max_len: int, kind) -> list:
     return v
 
 
-def _seeds(v, what: str, max_len: int) -> np.ndarray:
-    v = _list(v, what, max_len, numbers.Integral)
-    for i, s in enumerate(v):
-        if not 0 <= int(s) < _U64:
-            raise Rejected(f"{what}[{i}]: seed {int(s)} out of range [0, 2**64)")
-    return np.array([int(s) for s in v], dtype=np.uint64)
+def _ints(v, what: str, max_len: int) -> list[int]:
+    return [int(x) for x in _list(v, what, max_len, numbers.Integral)]
 
 
 def _floats(v, what: str, max_len: int) -> np.ndarray:
@@ -155,11 +153,25 @@ def _fields(rec, key: str, required: set, optional: set = frozenset()) -> dict:
         raise Rejected(f"record {key!r}: missing {', '.join(sorted(missing))}")
     if extra:
         raise Rejected(f"record {key!r}: unexpected {', '.join(sorted(extra))}")
+    for k in sorted(d):
+        if k in ("checksum", "round", "num_samples", "steps", "code", "version"):
+            _int(d[k], f"{key}.{k}")
     return d
 
 
-def _checksum(d: dict, key: str):
-    return _int(d["checksum"], f"{key}.checksum") if "checksum" in d else None
+def _checksum(d: dict):
+    return int(d["checksum"]) if "checksum" in d else None
+
+
+def _through_codec(key: str, build, limits: Limits):
+    """Build the message from record fields, serialize it and decode it back with the binary codec
+    (:func:`~zowarmup.federated.validation.decode_checked`): one set of field checks for both."""
+    try:
+        msg = build()
+        buf = msg.to_bytes()
+    except (ValueError, OverflowError, struct.error) as e:
+        raise Rejected(f"record {key!r}: a field is out of range for its message: {e}") from None
+    return decode_checked(buf, msg.TYPE, limits)
 
 
 def _weights(rd, limits: Limits) -> WeightsMessage:
@@ -180,59 +192,56 @@ def _weights(rd, limits: Limits) -> WeightsMessage:
         raise Rejected(f"record 'weights': cannot read the array: {e}") from None
     if vals.dtype != np.float32 or vals.shape != (limits.state_size,):
         raise Rejected(f"record 'weights': array data is {vals.dtype} {vals.shape}")
-    return WeightsMessage(_int(meta["round"], "weights.round"),
-                          np.ascontiguousarray(vals),
-                          _int(meta["num_samples"], "weights.num_samples"),
-                          _checksum(meta, "weights"))
+    return _through_codec("weights", lambda: WeightsMessage(
+        meta["round"], np.ascontiguousarray(vals), meta["num_samples"], _checksum(meta)), limits)
 
 
 def _seeds_msg(rd, limits: Limits) -> SeedsMessage:
     d = _fields(_record(rd, "seeds", "ConfigRecord"), "seeds", {"round", "steps", "seeds"},
                 {"checksum"})
-    return SeedsMessage(_int(d["round"], "seeds.round"),
-                        _seeds(d["seeds"], "seeds.seeds", limits.seeds_per_task),
-                        _int(d["steps"], "seeds.steps", 1, 2 ** 16), _checksum(d, "seeds"))
+    seeds = _ints(d["seeds"], "seeds.seeds", limits.seeds_per_task)
+    return _through_codec("seeds", lambda: SeedsMessage(d["round"], seeds, d["steps"],
+                                                        _checksum(d)), limits)
 
 
 def _replay(rd, limits: Limits) -> ReplayMessage:
     d = _fields(_record(rd, "replay", "ConfigRecord"), "replay",
                 {"round", "rounds", "counts", "seeds", "coeffs"}, {"checksum"})
-    rounds = _list(d["rounds"], "replay.rounds", limits.rounds, numbers.Integral)
-    counts = _list(d["counts"], "replay.counts", limits.rounds, numbers.Integral)
+    rounds = _ints(d["rounds"], "replay.rounds", limits.rounds)
+    counts = _ints(d["counts"], "replay.counts", limits.rounds)
     if len(counts) != len(rounds):
         raise Rejected(f"replay: wrong count: {len(rounds)} rounds but {len(counts)} counts")
     cap = limits.rounds * limits.max_broadcast
-    seeds = _seeds(d["seeds"], "replay.seeds", cap)
+    seeds = _ints(d["seeds"], "replay.seeds", cap)
     coeffs = _floats(d["coeffs"], "replay.coeffs", cap)
-    counts = [_int(c, f"replay.counts[{i}]", 0, limits.max_broadcast + 1)
-              for i, c in enumerate(counts)]
-    if sum(counts) != seeds.size or seeds.size != coeffs.size:
-        raise Rejected(f"replay: wrong count: counts sum to {sum(counts)}, {seeds.size} seeds, "
+    if any(c < 0 for c in counts) or sum(counts) != len(seeds) or len(seeds) != coeffs.size:
+        raise Rejected(f"replay: wrong count: counts {counts[:8]} for {len(seeds)} seeds and "
                        f"{coeffs.size} coefficients")
-    entries, off = [], 0
-    for i, (r, n) in enumerate(zip(rounds, counts)):
-        entries.append(BroadcastMessage(_int(r, f"replay.rounds[{i}]"), seeds[off:off + n],
-                                        coeffs[off:off + n]))
-        off += n
-    return ReplayMessage(_int(d["round"], "replay.round"), entries, _checksum(d, "replay"))
+
+    def build():
+        entries, off = [], 0
+        for r, n in zip(rounds, counts):
+            entries.append(BroadcastMessage(r, seeds[off:off + n], coeffs[off:off + n]))
+            off += n
+        return ReplayMessage(d["round"], entries, _checksum(d))
+    return _through_codec("replay", build, limits)
 
 
-def _status(rd) -> StatusMessage:
+def _status(rd, limits: Limits) -> StatusMessage:
     d = _fields(_record(rd, "status", "ConfigRecord"), "status",
                 {"round", "code", "version", "reason"}, {"checksum"})
-    if not isinstance(d["reason"], str) or len(d["reason"]) > 512:
-        raise Rejected("status.reason: expected a string of at most 512 characters")
-    return StatusMessage(_int(d["round"], "status.round"), _int(d["code"], "status.code", 0, 256),
-                         _int(d["version"], "status.version", -1, 2 ** 32 + 1), d["reason"],
-                         _checksum(d, "status"))
+    if not isinstance(d["reason"], str) or len(d["reason"].encode("utf-8", "replace")) > MAX_REASON_BYTES:
+        raise Rejected(f"status.reason: expected a string of at most {MAX_REASON_BYTES} bytes")
+    return _through_codec("status", lambda: StatusMessage(d["round"], d["code"], d["version"],
+                                                          d["reason"], _checksum(d)), limits)
 
 
 def _grads(rd, limits: Limits) -> GradsMessage:
     d = _fields(_record(rd, "grads", "MetricRecord"), "grads", {"round", "num_samples", "values"},
                 {"checksum"})
-    return GradsMessage(_int(d["round"], "grads.round"),
-                        _floats(d["values"], "grads.values", limits.seeds_per_task),
-                        _int(d["num_samples"], "grads.num_samples"), _checksum(d, "grads"))
+    values = _floats(d["values"], "grads.values", limits.seeds_per_task)
+    return _through_codec("grads", lambda: GradsMessage(d["round"], values, d["num_samples"],
+                                                        _checksum(d)), limits)
 
 
 def _keys(rd, allowed: set) -> set:
@@ -257,7 +266,7 @@ def task_from_records(rd, limits: Limits) -> list:
         if keys != {"weights", "weights.meta"}:
             raise Rejected(f"a task needs seeds, status or weights, got {sorted(keys)}")
         return [_weights(rd, limits)]
-    last = _seeds_msg(rd, limits) if main[0] == "seeds" else _status(rd)
+    last = _seeds_msg(rd, limits) if main[0] == "seeds" else _status(rd, limits)
     cu = [k for k in ("replay", "weights") if k in keys]
     if len(cu) > 1:
         raise Rejected("a task has at most one catch-up (replay or weights)")
@@ -272,7 +281,7 @@ def reply_from_records(rd, limits: Limits) -> list:
     if keys == {"grads"}:
         return [_grads(rd, limits)]
     if keys == {"status"}:
-        return [_status(rd)]
+        return [_status(rd, limits)]
     if keys == {"weights", "weights.meta"}:
         return [_weights(rd, limits)]
     raise Rejected(f"a reply is one of grads, status or weights, got {sorted(keys)}")
