@@ -40,8 +40,8 @@ import zo_kernels
 from .distributed import all_reduce_losses, reduce_device
 
 __all__ = ["projected_grad", "update_coeff", "update_coeffs", "update_coeffs_array", "decay_factor",
-           "final_pass", "FP32_MAX", "GroupHypers", "FlatParams", "flat_params", "apply_groups", "SPSAResult",
-           "spsa_grads", "spsa_estimate", "group_update", "apply_update", "zo_step"]
+           "final_pass", "FP32_MAX", "GroupHypers", "FlatParams", "flat_params", "apply_groups",
+           "SPSAResult", "spsa_grads", "spsa_estimate", "group_update", "apply_update", "zo_step"]
 
 #: Largest finite float32: a coefficient above it would round to inf in the kernel.
 FP32_MAX = float(torch.finfo(torch.float32).max)

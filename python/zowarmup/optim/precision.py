@@ -2,9 +2,9 @@
 
 A weight ``w`` of a dtype with ``m`` mantissa bits does not move under ``w +- d`` when ``d`` is
 below half an ulp of ``w``; such a weight sees no perturbation, contributes nothing to ``L+ - L-``
-and gets no gradient signal (docs/DESIGN.md, "The ZO step"). :func:`warn_vanishing_perturbation` estimates,
-once per (group, dtype, ``eps*scale``), the share of weights where ``d = eps*scale`` vanishes and
-warns above :data:`PRECISION_WARN_FRACTION`.
+and gets no gradient signal (docs/DESIGN.md, "The ZO step"). :func:`warn_vanishing_perturbation`
+estimates, once per (group, dtype, ``eps*scale``), the share of weights where ``d = eps*scale``
+vanishes and warns above :data:`PRECISION_WARN_FRACTION`.
 """
 from __future__ import annotations
 
