@@ -166,10 +166,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     That is 2S forward passes and 2S+1 passes over the weights, each one
     :func:`zo_kernels.apply_seeds_` call that regenerates the noise from the seeds: no noise
     tensor, no gradient and no weight copy is ever allocated. The restore coefficient in the last
-    pass is multiplied by the decay ``1 - lr*wd`` so that weight decay acts on the restored weights
-    (restoring with a plain ``+eps*c`` differs by ``lr*wd*eps*c*z``). In expectation the update
-    is ``-lr * c**2 * grad L`` (``E[z z^T] = I``), so the effective SGD learning rate is
-    ``lr * scale**2``. ``step`` returns the mean of the 2S losses (losses at perturbed weights).
+    pass is multiplied by the decay ``1 - lr*wd`` so that weight decay acts on the restored
+    weights. In expectation the update is ``-lr * c**2 * grad L`` (``E[z z^T] = I``), so the
+    effective SGD learning rate is ``lr * scale**2``. ``step`` returns the mean of the 2S losses
+    (losses at perturbed weights).
 
     **Param groups** may set their own ``lr``, ``eps``, ``scale`` and ``weight_decay``. The noise is
     still one flat vector over all groups; group ``k`` is perturbed by ``eps_k*scale_k*z``, and
