@@ -46,6 +46,9 @@ def _as_list(tensors: TensorList, fn: str) -> list[torch.Tensor]:
 
 def _check_tensors(ts: list[torch.Tensor], fn: str) -> None:
     for i, t in enumerate(ts):
+        if t.device.type == "meta":
+            raise ValueError(f"{fn}: tensors[{i}] is a meta tensor (a shape without values); "
+                             "materialize it first (e.g. module.to_empty(device=...))")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{fn}: tensors[{i}] has dtype {t.dtype}; supported dtypes are "
                             "torch.float32, torch.bfloat16 and torch.float16")

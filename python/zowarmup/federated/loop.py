@@ -48,8 +48,9 @@ from .. import memory
 from .. import models as zmodels
 from ..seeds import derive_seed, TAG_INIT, TAG_ROUND
 from . import accounting
-from .checkpoint import (atomic_write_text, config_hash, load_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state)
+from .._safeio import holds_run_lock
+from .checkpoint import (atomic_write_text, config_hash, load_checkpoint, read_metrics_file,
+                         rng_state, save_checkpoint, set_rng_state)
 from .client import Client, has_batchnorm
 from .config import METHOD_LABELS, ConfigError, RunConfig, load_file, validate
 from .messages import (GradsMessage, KSeedUpdate, SeedsMessage, WeightsMessage,
@@ -377,7 +378,8 @@ class Runner:
 
     def _truncate_metrics(self, n: int) -> None:
         p = self._metrics_path()
-        lines = p.read_text().splitlines(keepends=True) if p.exists() else []
+        lines = (p.read_text(errors="surrogateescape").splitlines(keepends=True)  # bytes kept as is
+                 if p.exists() else [])
         complete = [ln for ln in lines if ln.endswith("\n")]
         if len(complete) < n:
             raise RuntimeError(f"{p} has {len(complete)} complete lines but the checkpoint "
@@ -393,6 +395,7 @@ class Runner:
         return h
 
     # -- main loop -------------------------------------------------------------------------------
+    @holds_run_lock  # one process per run folder (a second --resume is refused)
     def run(self) -> dict:
         """Train (or continue from the folder's checkpoint) to the last round; return the summary."""
         cfg = self.cfg
@@ -537,11 +540,8 @@ class Runner:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``metrics.jsonl`` (complete lines only)."""
-    p = Path(run_dir) / METRICS
-    if not p.exists():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines(keepends=True) if ln.endswith("\n")]
+    """The records of ``metrics.jsonl`` (complete, usable lines; others skipped with a warning)."""
+    return read_metrics_file(Path(run_dir) / METRICS)
 
 
 def resume_run(run_dir: str | Path, progress: bool | None = None, dataset=None) -> dict:

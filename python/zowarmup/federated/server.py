@@ -51,7 +51,7 @@ from .messages import (BroadcastMessage, GradsMessage, KSeedTask, KSeedUpdate, M
                        ReplayMessage, SeedsMessage, WeightsMessage)
 from .state import StateLayout, state_checksum
 from .validation import (Limits, Rejected, check_grads_reply, check_kseed_reply, check_status,
-                         check_weights_reply, decode_checked)
+                         as_message, check_weights_reply)
 
 log = logging.getLogger("zowarmup.federated")
 
@@ -207,12 +207,7 @@ class Server:
             if any(k not in kinds for k in ks):
                 raise ValueError(f"accept: unknown kind {kind!r}")
             want = tuple(kinds[k] for k in ks) if ks else tuple(kinds.values())
-            msg = payload
-            if not hasattr(payload, "TYPE"):
-                msg = decode_checked(payload, want, self.limits)
-            elif payload.TYPE not in want:
-                raise Rejected(f"wrong message type {payload.TYPE.name}; expected "
-                               f"{' or '.join(w.name for w in want)}")
+            msg = as_message(payload, want, self.limits)  # bytes or a genuine message object
             n = int(self.registered[int(cid)])
             n = n if n >= 0 else None
             if msg.TYPE == MsgType.WEIGHTS:

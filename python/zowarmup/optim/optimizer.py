@@ -22,6 +22,7 @@ from torch.nn.modules.batchnorm import _NormBase
 import zo_kernels
 
 from .functional import decay_factor, projected_grad, update_coeffs
+from .state_checks import check_param_storage, check_zo_state_dict
 from ..seeds import SEED_SCHEME_VERSION, sample_seeds
 
 __all__ = ["ZOOptimizer", "ZOEstimate", "freeze_running_stats", "running_stats_once",
@@ -477,6 +478,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         Warns when the checkpoint was written with another seed scheme or noise-stream version
         (training goes on, but not bit-identically).
         """
+        check_zo_state_dict(state_dict)  # strict: types, ranges, consistency (state_checks.py)
         if not isinstance(state_dict, dict) or "zo" not in state_dict:
             raise ValueError("ZOOptimizer.load_state_dict: the state dict has no 'zo' entry; it was "
                              "not written by ZOOptimizer.state_dict()")
@@ -540,6 +542,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 where = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+                check_param_storage(p, where)  # no meta tensors (state_checks.py)
                 if p.dtype not in zo_kernels.SUPPORTED_DTYPES:
                     raise TypeError(f"ZOOptimizer: {where} has dtype {p.dtype}; supported: "
                                     "torch.float32, torch.bfloat16, torch.float16")
