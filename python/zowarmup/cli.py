@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -133,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
                       "has)", 1)
     except KeyboardInterrupt:
         return _error("interrupted; continue with: zowarmup run --resume <folder>", 130)
+    except Exception as e:  # a bug or an input no check foresaw: still one line, unless debugging
+        if os.environ.get("ZOWARMUP_DEBUG"):
+            raise
+        return _error(f"unexpected {type(e).__name__}: {_one_line(e)} (set ZOWARMUP_DEBUG=1 for "
+                      "the traceback)", 1)
 
 
 def _one_line(e: BaseException) -> str:

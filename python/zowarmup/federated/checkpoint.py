@@ -192,13 +192,58 @@ def _check_state(st: dict) -> str | None:
         return "'server' must be a dict"
     if not isinstance(st["config_hash"], str):
         return "'config_hash' must be a string"
-    rng = st["rng"]
-    if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor) \
-            or not isinstance(rng.get("numpy"), tuple) or not isinstance(rng.get("python"), tuple):
-        return "'rng' must hold the torch, numpy and python generator states"
+    problem = _check_rng(st["rng"]) or _check_server(st["server"])
+    if problem:
+        return problem
     el = st.get("elapsed", 0.0)
     if isinstance(el, bool) or not isinstance(el, (int, float)):
         return f"'elapsed' must be a number, got {type(el).__name__}"
+    return None
+
+
+def _check_rng(rng) -> str | None:
+    bad = "'rng' must hold the torch, numpy and python generator states"
+    if not isinstance(rng, dict):
+        return bad
+    t, n, p = rng.get("torch"), rng.get("numpy"), rng.get("python")
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1 \
+            or t.numel() != torch.get_rng_state().numel():
+        return bad + " (torch: a uint8 tensor of the generator's size)"
+    if not (isinstance(n, tuple) and len(n) == 5 and n[0] == "MT19937"
+            and isinstance(n[1], np.ndarray) and n[1].dtype == np.uint32 and n[1].shape == (624,)
+            and all(_is_int(v) for v in n[2:4]) and 0 <= n[2] <= 624
+            and isinstance(n[4], float)):
+        return bad + " (numpy: an MT19937 state)"
+    if not (isinstance(p, tuple) and len(p) == 3 and _is_int(p[0]) and isinstance(p[1], tuple)
+            and len(p[1]) == 625 and all(_is_int(v) and 0 <= v < 2 ** 32 for v in p[1])
+            and (p[2] is None or isinstance(p[2], float))):
+        return bad + " (python: a random.getstate() tuple)"
+    if "cuda" in rng and not (isinstance(rng["cuda"], list)
+                              and all(isinstance(x, torch.Tensor) for x in rng["cuda"])):
+        return bad + " (cuda: a list of tensors)"
+    return None
+
+
+def _check_server(sv: dict) -> str | None:
+    for k in ("held", "rejected", "registered"):
+        if k in sv and not (isinstance(sv[k], np.ndarray) and sv[k].dtype.kind in "iu"
+                            and sv[k].ndim == 1):
+            return f"'server.{k}' must be a 1-D integer array"
+    if "held" not in sv or "log" not in sv:
+        return "'server' lacks 'held' or 'log'"
+    if not isinstance(sv["log"], dict) or not all(
+            _is_int(r) and (b is None or isinstance(b, bytes)) for r, b in sv["log"].items()):
+        return "'server.log' must map rounds to serialized broadcasts or None"
+    for k in ("adam_warmup", "adam_zo"):
+        a = sv.get(k)
+        if a is None:
+            continue
+        if not (isinstance(a, dict) and _is_int(a.get("steps"))
+                and all(isinstance(a.get(m), list)
+                        and all(isinstance(t, torch.Tensor) for t in a[m]) for m in ("m", "v"))):
+            return f"'server.{k}' must hold lists of tensors 'm', 'v' and an integer 'steps'"
+    if "rejections" in sv and not isinstance(sv["rejections"], list):
+        return "'server.rejections' must be a list"
     return None
 
 
