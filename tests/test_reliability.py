@@ -215,6 +215,25 @@ def test_missing_metrics_lines_give_one_line_error(run_copy, capsys, how):
     assert rc == 1 and "metrics.jsonl" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_metrics_missing_its_last_line_resumes_from_the_previous_checkpoint(run_copy, finished_run):
+    p = run_copy / "metrics.jsonl"
+    p.write_text("".join(p.read_text().splitlines(keepends=True)[:-1]))
+    (run_copy / "summary.json").unlink()
+    assert main(["run", "-q", "--resume", str(run_copy)]) == 0
+    assert p.read_bytes() == (finished_run / "metrics.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:len(b) // 2], lambda b: b"", lambda b: b"[]"])
+def test_unreadable_summary_of_a_finished_run_is_rebuilt(run_copy, finished_run, damage):
+    p = run_copy / "summary.json"
+    p.write_bytes(damage(p.read_bytes()))
+    assert main(["run", "-q", "--resume", str(run_copy)]) == 0
+    s0 = json.loads((finished_run / "summary.json").read_text())
+    s1 = json.loads(p.read_text())
+    assert s1["final_accuracy"] == s0["final_accuracy"] and s1["rounds"] == s0["rounds"]
+    assert "run summary" in (run_copy / "run.log").read_text()
+
+
 def test_checkpoint_from_another_run_gives_one_line_error(run_copy, tmp_path, capsys):
     out = tmp_path / "other"
     assert main(["run", "-q", "--out", str(out)] + TINY + ["seed=5"]) == 0

@@ -30,14 +30,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._safeio import (UnsafeFileError, frame, from_plain, is_framed, read_jsonl, to_plain,
-                       torch_load_safe, torch_save_bytes, unframe)
+from .._safeio import (UnsafeFileError, frame, from_plain, is_framed, read_json_object,
+                       read_jsonl, to_plain, torch_load_safe, torch_save_bytes, unframe)
 
 log = logging.getLogger("zowarmup.federated")
 
 CHECKPOINT = "checkpoint.pt"
 #: The checkpoint that ``checkpoint.pt`` replaced (the fallback when ``checkpoint.pt`` is unusable).
 PREVIOUS = "checkpoint.prev.pt"
+#: The metrics file a checkpoint's ``next_round`` counts lines of (``loop.METRICS``).
+METRICS_FILE = "metrics.jsonl"
 FORMAT_VERSION = 2
 
 
@@ -247,12 +249,31 @@ def _check_server(sv: dict) -> str | None:
     return None
 
 
+def _complete_lines(path: Path) -> int:
+    try:
+        return sum(1 for ln in path.read_bytes().splitlines(keepends=True) if ln.endswith(b"\n"))
+    except OSError:
+        return 0
+
+
+def read_summary(path: Path) -> dict | None:
+    """A finished run's ``summary.json``, or None (with a warning naming it) when it is missing or
+    unreadable, so that the caller rebuilds it from the run folder instead of failing."""
+    if not Path(path).exists():
+        return None
+    try:
+        return read_json_object(path, ("final_accuracy",), "run summary")
+    except UnsafeFileError as e:
+        log.warning("%s; rebuilding it", e)
+        return None
+
+
 def load_checkpoint(run_dir: Path) -> dict | None:
     """The newest usable checkpoint in ``run_dir``, or None when there is none.
 
     ``checkpoint.pt`` is tried first; when it is missing, truncated, corrupted (integrity check) or
-    malformed and ``checkpoint.prev.pt`` (the one it replaced) is usable, that one is returned and a
-    warning names the bad file. When neither is usable, :class:`CheckpointError` names
+    malformed, or ``metrics.jsonl`` lacks lines it counts on, and ``checkpoint.prev.pt`` (the one it
+    replaced) is usable, that one is returned and a warning names the bad file. When neither is usable, :class:`CheckpointError` names
     ``checkpoint.pt`` and the problem. No code from either file runs.
     """
     run_dir = Path(run_dir)
@@ -262,9 +283,24 @@ def load_checkpoint(run_dir: Path) -> dict | None:
     first = None
     if p.exists():
         try:
-            return read_checkpoint_file(p)
+            st = read_checkpoint_file(p)
         except CheckpointError as e:
             first = e
+        else:
+            lines = _complete_lines(run_dir / METRICS_FILE)
+            if lines >= st["next_round"] or not prev.exists():
+                return st
+            # metrics.jsonl lost lines the newest checkpoint counts on: the previous one may fit
+            try:
+                older = read_checkpoint_file(prev)
+            except CheckpointError:
+                return st
+            if lines >= older["next_round"]:
+                log.warning("%s has %d complete lines, %s needs %d; resuming from the previous "
+                            "checkpoint %s (round %d)", run_dir / METRICS_FILE, lines, p,
+                            st["next_round"], prev, older["next_round"])
+                return older
+            return st
     if prev.exists():
         try:
             st = read_checkpoint_file(prev)

@@ -21,6 +21,7 @@ from typing import Callable
 
 from .._safeio import UnsafeFileError, read_json_object
 from . import accounting
+from .checkpoint import read_summary
 from .checkpoint import atomic_write_text
 from .config import METHOD_LABELS, RunConfig, from_dict, validate
 from .loop import CONFIG, SUMMARY, Runner, read_metrics, resume_run
@@ -96,7 +97,7 @@ def _run_all(exp_dir: Path, cfg: RunConfig, runs, dataset, progress, echo) -> Pa
              f"{cfg.for_run(cfg.method, cfg.seed).pivot}), seeds {seeds} -> {exp_dir}")
     for method, seed, name in runs:
         rd = exp_dir / name
-        if (rd / SUMMARY).exists():
+        if read_summary(rd / SUMMARY) is not None:  # finished (an unreadable summary is rebuilt)
             continue
         t1 = time.perf_counter()
         if (rd / CONFIG).exists():

@@ -50,7 +50,7 @@ from ..seeds import derive_seed, TAG_INIT, TAG_ROUND
 from . import accounting
 from .._safeio import holds_run_lock
 from .checkpoint import (atomic_write_text, config_hash, load_checkpoint, read_metrics_file,
-                         rng_state, save_checkpoint, set_rng_state)
+                         read_summary, rng_state, save_checkpoint, set_rng_state)
 from .client import Client, has_batchnorm
 from .config import METHOD_LABELS, ConfigError, RunConfig, load_file, validate
 from .messages import (GradsMessage, KSeedUpdate, SeedsMessage, WeightsMessage,
@@ -441,8 +441,9 @@ class Runner:
             self._truncate_metrics(0)
             log.info("started %s: method=%s seed=%d rounds=%d pivot=%d device=%s", self.run_dir,
                      cfg.method, cfg.seed, R, self.pivot, self.device)
-        if start >= R and (self.run_dir / SUMMARY).exists():
-            return json.loads((self.run_dir / SUMMARY).read_text())
+        done = read_summary(self.run_dir / SUMMARY) if start >= R else None  # None: rebuild it
+        if done is not None:
+            return done
         if memory is None and cfg.measure_memory:
             memory = self.memory_report()
 
