@@ -493,6 +493,15 @@ def test_flower_without_flwr_says_which_extra(monkeypatch, capsys, argv, tmp_pat
     assert not (tmp_path / "app").exists()
 
 
+def test_flower_local_module_without_flwr_says_which_extra(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "flwr", None)
+    monkeypatch.delitem(sys.modules, "zowarmup.flower.apps", raising=False)
+    monkeypatch.delitem(sys.modules, "zowarmup.flower.local", raising=False)
+    from zowarmup.flower.local import main as lmain  # importable without flwr
+    assert lmain(["--supernodes", "2"]) == 2
+    assert 'pip install -e ".[flower]"' in capsys.readouterr().err
+
+
 def test_flower_finish_run_folder_plots_and_prints_like_zowarmup_run(tmp_path):
     from zowarmup.flower.local import finish_run_folder, new_run_dir
     cfg = validate(apply_overrides(RunConfig(), TINY))

@@ -28,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from .apps import write_app
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -211,6 +210,7 @@ class LocalFederation:
         ``flwr run`` exits 0 even when the ServerApp crashed, so the status comes from
         ``flwr list --run-id ID --format json`` (``finished:completed`` on success).
         """
+        from .apps import write_app  # imports flwr: only when a run is started
         app = Path(app_dir) if app_dir else write_app(self.workdir / "zowarmupflower")
         rc = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
                       for k, v in run_config.items())
@@ -244,6 +244,12 @@ def main(argv=None) -> int:
     ``final_state.pt`` and ``accuracy.png``, and the last line printed is the final accuracy and
     that folder."""
     import argparse
+
+    from .__main__ import flwr_missing
+    missing = flwr_missing()
+    if missing:
+        print(f"python -m zowarmup.flower local: error: {missing}", file=sys.stderr)
+        return 2
     ap = argparse.ArgumentParser(prog="python -m zowarmup.flower.local",
                                  description="Run ZOWarmUp on a local Flower deployment "
                                              "(SuperLink + SuperNodes on 127.0.0.1, insecure).")
