@@ -107,6 +107,27 @@ def _payload(p):
     return Path(p).read_bytes()[FRAME_HEADER_BYTES:]
 
 
+def test_format_1_checkpoints_still_resume(run_copy, finished_run):
+    """A checkpoint written before framing (a bare torch.save holding numpy arrays) loads with
+    weights_only=True plus numpy's plain-array globals, and the run resumes bit-identically."""
+    st = load_checkpoint(run_copy)
+    assert isinstance(st["server"]["held"], np.ndarray)
+    (run_copy / PREVIOUS).unlink()
+    st3 = load_checkpoint(finished_run)  # the final state the resumed run must reach
+    from zowarmup._safeio import from_plain
+    prev = from_plain(torch.load(io.BytesIO(_payload(finished_run / PREVIOUS)), weights_only=True))
+    legacy = dict(prev, format=1)
+    (run_copy / CHECKPOINT).write_bytes(torch_save_bytes(legacy))
+    assert (run_copy / CHECKPOINT).read_bytes()[:2] == b"PK"
+    ck = load_checkpoint(run_copy)
+    assert ck["next_round"] == 3 and np.array_equal(ck["server"]["held"], prev["server"]["held"])
+    (run_copy / "summary.json").unlink()
+    assert main(["run", "-q", "--resume", str(run_copy)]) == 0
+    assert (run_copy / "metrics.jsonl").read_bytes() == (finished_run / "metrics.jsonl").read_bytes()
+    a = _final_weights(run_copy)
+    assert all(torch.equal(a[k], v) for k, v in st3["model"].items())
+
+
 def test_no_code_running_loads_in_the_project():
     """Every torch.load / pickle load in python/ and benchmarks/ is weights_only=True or a
     restricted unpickler (independent check: the source text)."""
