@@ -479,10 +479,9 @@ def test_bad_groups_dtypes_devices_and_layouts():
     with pytest.raises(ValueError, match=r"param_groups\[1\]\['eps'\]"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))], "eps": 0.0})
     assert len(opt.param_groups) == 1
-    # (meta is the second device a CPU-only machine has; it is refused as meta first)
-    with pytest.raises(ValueError, match="one device|meta device"):
+    with pytest.raises(ValueError, match="one device"):
         ZOOptimizer([nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3, device="meta"))])
-    with pytest.raises(ValueError, match="one device|meta device"):
+    with pytest.raises(ValueError, match="one device"):
         opt.add_param_group({"params": [nn.Parameter(torch.zeros(3, device="meta"))]})
     assert len(opt.param_groups) == 1
     with pytest.raises(TypeError, match="float64"):

@@ -542,7 +542,6 @@ class ZOOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 where = f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
-                check_param_storage(p, where)  # no meta tensors (state_checks.py)
                 if p.dtype not in zo_kernels.SUPPORTED_DTYPES:
                     raise TypeError(f"ZOOptimizer: {where} has dtype {p.dtype}; supported: "
                                     "torch.float32, torch.bfloat16, torch.float16")
@@ -555,6 +554,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError("ZOOptimizer: all parameters must be on one device, found "
                              + "; ".join(f"{d} (e.g. {w})" for d, w in devices.items())
                              + ". Use one optimizer per device")
+        check_param_storage(devices)  # one device here; not meta (state_checks.py)
 
     def _validate(self) -> None:
         """Everything a step relies on; raises before any weight changes."""

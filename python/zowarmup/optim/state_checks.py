@@ -70,9 +70,10 @@ def check_zo_state_dict(state_dict) -> None:
         raise ValueError(f"{where}: zo['dist'] must be a string, got {type(zo['dist']).__name__}")
 
 
-def check_param_storage(p: torch.Tensor, where: str) -> None:
-    """Raise ValueError when parameter ``p`` (described by ``where``) has no real storage."""
-    if p.device.type == "meta" or p.is_meta:
-        raise ValueError(f"ZOOptimizer: {where} is on the meta device (a shape without values); "
-                         "materialize the model first, e.g. model.to_empty(device=...) and "
-                         "initialize or load its weights")
+def check_param_storage(devices: dict) -> None:
+    """Raise ValueError when the parameters' device (``devices``: device name -> description of a
+    parameter on it, as ``ZOOptimizer._check_params`` collects them) is the meta device."""
+    if "meta" in devices:
+        raise ValueError(f"ZOOptimizer: {devices['meta']} is on the meta device (a shape without "
+                         "values); materialize the model first, e.g. model.to_empty(device=...) "
+                         "and initialize or load its weights")
