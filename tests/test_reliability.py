@@ -297,6 +297,17 @@ def test_lock_is_held_across_processes(tmp_path):
     run_lock(tmp_path).release()  # free again once the holder is gone
 
 
+def test_a_file_system_without_locks_runs_unlocked(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with run_lock(tmp_path):  # not mistaken for "in use by another process"
+        pass
+
+
 # ---- bug 5 / 6: labels and npz files ----------------------------------------------------------------
 def _npz(path, y, x=None):
     x = np.random.default_rng(0).random((len(y), 64)).astype(np.float32) if x is None else x

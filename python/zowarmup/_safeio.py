@@ -20,6 +20,7 @@ Everything here treats its input as untrusted (see docs/design/trust_boundaries.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -213,7 +214,11 @@ def run_lock(folder) -> _Lock:
     fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            # a file system without locks (ENOLCK, EOPNOTSUPP): run unlocked, as before locks existed
+            os.close(fd)
+            return _Lock(None, p)
         try:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
         except OSError:
