@@ -25,6 +25,7 @@ import zo_kernels
 from . import distributed
 from .functional import FlatParams, GroupHypers, apply_update, flat_params, spsa_estimate, zo_step
 from .precision import warn_vanishing_perturbation
+from .state_checks import check_param_storage, check_zo_state_dict
 from ..seeds import SEED_SCHEME_VERSION, sample_seeds
 
 __all__ = ["ZOOptimizer", "ZOEstimate"]
@@ -375,6 +376,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         Warns when the checkpoint was written with another seed scheme or noise-stream version
         (training goes on, but not bit-identically).
         """
+        check_zo_state_dict(state_dict)  # strict: types, ranges, consistency (state_checks.py)
         if not isinstance(state_dict, dict) or "zo" not in state_dict:
             raise ValueError("ZOOptimizer.load_state_dict: the state dict has no 'zo' entry; it was "
                              "not written by ZOOptimizer.state_dict()")
@@ -451,6 +453,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError("ZOOptimizer: all parameters must be on one device, found "
                              + "; ".join(f"{d} (e.g. {w})" for d, w in devices.items())
                              + ". Use one optimizer per device")
+        check_param_storage(devices)  # one device here; not meta (state_checks.py)
 
     def _validate(self) -> None:
         """Everything a step relies on; raises before any weight changes."""
