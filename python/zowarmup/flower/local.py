@@ -104,7 +104,7 @@ class LocalFederation:
         p = Path(self.bindir) / name
         return str(p) if p.exists() else name
 
-    def start(self, timeout: float = 60.0) -> "LocalFederation":
+    def start(self, timeout: float = 600.0) -> "LocalFederation":
         """Start the SuperLink and the SuperNodes; return once the SuperLink accepts connections."""
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -278,16 +278,21 @@ def main(argv=None) -> int:
         print(f"error: --out {out} is a file; give a folder (created if missing)", file=sys.stderr)
         return 2
     run_dir = new_run_dir(out, f"flower-{cfg.name}")
-    with LocalFederation(a.supernodes) as fed:
-        res = fed.run({"config": a.config, "overrides": overrides, "deadline": a.deadline,
-                       "out": str(run_dir.resolve())}, timeout=a.timeout)
-        print(json.dumps({"run_id": res["run_id"], "status": res["status"],
-                          "workdir": str(fed.workdir)}))
-        if res["status"] != "finished:completed":
-            log = fed.flwr("log", res["run_id"], fed.connection, "--show", timeout=60)
-            print(f"the run did not complete; its ServerApp log (`flwr log`):\n"
-                  f"{(log.stdout + log.stderr)[-4000:]}", file=sys.stderr)
-            return 1
+    try:
+        with LocalFederation(a.supernodes) as fed:
+            res = fed.run({"config": a.config, "overrides": overrides, "deadline": a.deadline,
+                           "out": str(run_dir.resolve())}, timeout=a.timeout)
+            print(json.dumps({"run_id": res["run_id"], "status": res["status"],
+                              "workdir": str(fed.workdir)}))
+            if res["status"] != "finished:completed":
+                log = fed.flwr("log", res["run_id"], fed.connection, "--show", timeout=60)
+                print(f"the run did not complete; its ServerApp log (`flwr log`):\n"
+                      f"{(log.stdout + log.stderr)[-4000:]}", file=sys.stderr)
+                return 1
+    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"error: the local deployment failed: {first}", file=sys.stderr)
+        return 1
     return finish_run_folder(run_dir, cfg, a.supernodes)
 
 
