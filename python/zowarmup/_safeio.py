@@ -1,6 +1,6 @@
 """Reading files the project did not just write itself: no code from them, integrity, clear errors.
 
-Everything here treats its input as untrusted (see docs/design/trust_boundaries.md):
+Everything here treats its input as untrusted (see docs/DESIGN.md, "Trust boundaries"):
 
 - :func:`frame` / :func:`unframe`: a payload behind a small header (magic, length, SHA-256). A
   truncated, padded or bit-flipped file is refused by :func:`unframe` with an error naming the
