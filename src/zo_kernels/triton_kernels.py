@@ -29,8 +29,9 @@ Gaussian, seed order: ``acc = 0f; for k: acc = acc + c_k * z_k`` with one Philox
 seed (``tl.sqrt_rn``; ``log``/``cos`` are the device's, so agreement is within 1e-6 relative).
 
 The multiply-add ``p * decay + acc`` is kept unfused (``enable_fp_fusion=False``). Stores round to
-bfloat16 by hand (the interpreter's cast truncates) and write NaN as torch's CPU conversion does
-(bfloat16 ``0x7FC0``; float16 sign kept, ``0x7E00``), so the bits match the CPU on every target.
+bfloat16 by hand (the interpreter's cast truncates) and write NaN with the CPU kernel's bits
+(float32: the old NaN quieted, or x86's default NaN; bfloat16 ``0x7FC0``; float16 sign | ``0x7E00``)
+instead of the GPU's canonical NaN, so NaN and inf bit patterns match the CPU on every target.
 """
 from __future__ import annotations
 
@@ -68,31 +69,41 @@ def _ptr(raw, ELEM: tl.constexpr, ALIGNED: tl.constexpr):
 
 @triton.jit
 def _load_f32(raw, e, mask, CODE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Elements ``e`` of the tensor at address ``raw`` (int64), as float32."""
+    """Elements ``e`` of the tensor at address ``raw`` (int64): ``(value as float32, nanq)`` where
+    ``nanq`` (uint32) is the float32 bit pattern x86 gives a NaN computed from this element (the
+    element quieted, sign and payload kept; float16 keeps only the sign). 16-bit elements are read
+    as raw bits, so the sign of a NaN survives the device's conversion."""
     if CODE == 0:
         v = tl.load(_ptr(raw, tl.float32, ALIGNED) + e, mask=mask, other=0.0)
+        nanq = v.to(tl.uint32, bitcast=True) | 0x400000
     elif CODE == 1:
-        v = tl.load(_ptr(raw, tl.bfloat16, ALIGNED) + e, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(_ptr(raw, tl.uint16, ALIGNED) + e, mask=mask, other=0).to(tl.uint32)
+        nanq = (h << 16) | 0x400000
+        v = (h << 16).to(tl.float32, bitcast=True)
     else:
-        v = tl.load(_ptr(raw, tl.float16, ALIGNED) + e, mask=mask, other=0.0).to(tl.float32)
-    return v
+        h = tl.load(_ptr(raw, tl.uint16, ALIGNED) + e, mask=mask, other=0)
+        v = h.to(tl.float16, bitcast=True).to(tl.float32)
+        nanq = ((h.to(tl.uint32) & 0x8000) << 16) | 0x7FC00000
+    return v, nanq
 
 
 @triton.jit
-def _store_f32(raw, e, mask, p, CODE: tl.constexpr, ALIGNED: tl.constexpr):
-    """Round ``p`` (float32) to the tensor's dtype and store it: bfloat16 round-to-nearest-even by
-    hand, NaN as torch's CPU conversions write it."""
+def _store_f32(raw, e, mask, p, x, nanq, CODE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Round ``p`` (float32) to the tensor's dtype and store it, with the bits the CPU kernel
+    writes: a NaN result is ``nanq`` when the old value ``x`` was NaN, else x86's default NaN
+    ``0xFFC00000`` (a GPU's arithmetic would give ``0x7FFFFFFF``); then bfloat16 rounds to nearest
+    even by hand with NaN as ``0x7FC0``, float16 NaN as sign | ``0x7E00`` (torch's conversions)."""
+    pb = p.to(tl.uint32, bitcast=True)
+    pb = tl.where(p != p, tl.where(x != x, nanq, 0xFFC00000), pb)
     if CODE == 0:
-        tl.store(_ptr(raw, tl.float32, ALIGNED) + e, p, mask=mask)
+        tl.store(_ptr(raw, tl.uint32, ALIGNED) + e, pb, mask=mask)
     elif CODE == 1:
-        bits = p.to(tl.uint32, bitcast=True)
-        r = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        r = ((pb + 0x7FFF + ((pb >> 16) & 1)) >> 16).to(tl.uint16)
         r = tl.where(p != p, 0x7FC0, r).to(tl.uint16)
         tl.store(_ptr(raw, tl.uint16, ALIGNED) + e, r, mask=mask)
     else:
         h = p.to(tl.float16).to(tl.uint16, bitcast=True)
-        sign = ((p.to(tl.uint32, bitcast=True) >> 16) & 0x8000).to(tl.uint16)
-        h = tl.where(p != p, sign | 0x7E00, h).to(tl.uint16)
+        h = tl.where(p != p, ((pb >> 16) & 0x8000) | 0x7E00, h).to(tl.uint16)
         tl.store(_ptr(raw, tl.uint16, ALIGNED) + e, h, mask=mask)
 
 
@@ -190,15 +201,16 @@ def apply_seeds_kernel(desc_ptr, tile_ptr, T, seeds_ptr, coeffs_ptr, tables_ptr,
     mask = (e >= 0) & (e < n)
     # x first: its loads are in flight while the noise is computed.
     if DTYPE >= 0:
-        x = _load_f32(raw, e, mask, DTYPE, ALIGNED)
+        x, nanq = _load_f32(raw, e, mask, DTYPE, ALIGNED)
     else:
         code = tl.load(desc_ptr + 4 * t + 3)
         if code == 0:
-            x = _load_f32(raw, e, mask, 0, ALIGNED)
+            x, nanq = _load_f32(raw, e, mask, 0, ALIGNED)
         elif code == 1:
-            x = _load_f32(raw, e, mask, 1, ALIGNED)
+            x, nanq = _load_f32(raw, e, mask, 1, ALIGNED)
         else:
-            x = _load_f32(raw, e, mask, 2, ALIGNED)
+            x, nanq = _load_f32(raw, e, mask, 2, ALIGNED)
+    x_in = x
     rows = first_row + r.to(tl.int64)
     if GAUSSIAN:
         acc = _gaussian_acc(rows, seeds_ptr, coeffs_ptr, K, NB)
@@ -208,14 +220,14 @@ def apply_seeds_kernel(desc_ptr, tile_ptr, T, seeds_ptr, coeffs_ptr, tables_ptr,
         x = x * decay
     p = x + acc
     if DTYPE >= 0:
-        _store_f32(raw, e, mask, p, DTYPE, ALIGNED)
+        _store_f32(raw, e, mask, p, x_in, nanq, DTYPE, ALIGNED)
     else:
         if code == 0:
-            _store_f32(raw, e, mask, p, 0, ALIGNED)
+            _store_f32(raw, e, mask, p, x_in, nanq, 0, ALIGNED)
         elif code == 1:
-            _store_f32(raw, e, mask, p, 1, ALIGNED)
+            _store_f32(raw, e, mask, p, x_in, nanq, 1, ALIGNED)
         else:
-            _store_f32(raw, e, mask, p, 2, ALIGNED)
+            _store_f32(raw, e, mask, p, x_in, nanq, 2, ALIGNED)
 
 
 @triton.jit
