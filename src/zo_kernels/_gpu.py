@@ -195,7 +195,7 @@ class Staged:
 
 
 def stage(device: torch.device, seeds: torch.Tensor, coeffs: torch.Tensor, *, want_tables: bool,
-          want_coeffs: bool) -> Staged:
+          want_coeffs: bool, scalars_on_device: bool | None = None) -> Staged:
     """Put the call's scalars on ``device`` with at most one non-blocking copy.
 
     ``seeds`` int64 ``[K]`` and ``coeffs`` float32 ``[K]``, each on the CPU or already on
@@ -204,11 +204,15 @@ def stage(device: torch.device, seeds: torch.Tensor, coeffs: torch.Tensor, *, wa
     ``want_tables``: the grouped order's tables are needed; from host coefficients they are built on
     the host (:func:`group_tables_batched`), from device coefficients ``tables`` stays None (the
     caller builds them on the device). ``want_coeffs``: the coefficients themselves are needed.
+    ``scalars_on_device``: None decides by ``.device``; True treats both as already on ``device``
+    (the interpreter tests use it to run the device path on CPU tensors).
     """
     K = int(seeds.numel())
     G = -(-K // SUM_GROUP)
-    s_host = seeds.device.type == "cpu"
-    c_host = coeffs.device.type == "cpu"
+    if scalars_on_device is None:
+        s_host, c_host = seeds.device.type == "cpu", coeffs.device.type == "cpu"
+    else:
+        s_host = c_host = not scalars_on_device
     n_seed = K if s_host else 0
     n_tab = 8 * G if (want_tables and c_host) else 0
     n_coef = (K + 1) // 2 if (want_coeffs and c_host) else 0
@@ -274,9 +278,11 @@ def _check_capture(seeds, coeffs, device, fn="apply_seeds_"):
 # --------------------------------------------------------------------------------------------
 # launches
 # --------------------------------------------------------------------------------------------
-def run_triton(ts, seeds, coeffs, bases, decay: float, dist: str) -> None:
+def run_triton(ts, seeds, coeffs, bases, decay: float, dist: str, *,
+               scalars_on_device: bool | None = None) -> None:
     """One Triton launch over ``ts`` (plus one ``tables_kernel`` launch when the coefficients are a
-    CUDA tensor). ``seeds`` int64 / ``coeffs`` float32, each on the CPU or the tensors' device."""
+    CUDA tensor). ``seeds`` int64 / ``coeffs`` float32, each on the CPU or the tensors' device;
+    ``scalars_on_device`` as for :func:`stage`."""
     from . import triton_kernels as tk
 
     if not ts:
@@ -294,7 +300,8 @@ def run_triton(ts, seeds, coeffs, bases, decay: float, dist: str) -> None:
         kw["enable_fp_fusion"] = False
     with device_guard(dev):
         desc_d, tile_d, nprog = plan.tiles(nb)
-        st = stage(dev, seeds, coeffs, want_tables=not gaussian, want_coeffs=gaussian)
+        st = stage(dev, seeds, coeffs, want_tables=not gaussian, want_coeffs=gaussian,
+                   scalars_on_device=scalars_on_device)
         tables = st.tables
         if not gaussian and tables is None and G > 0:  # device coefficients: tables on the device
             tables = torch.empty(16 * G, dtype=torch.float32, device=dev)
