@@ -231,9 +231,11 @@ __device__ void process_tile(void* base_ptr, int64_t n, int64_t start, uint64_t 
 }
 
 // kGaussian is a template parameter so that the Rademacher kernel does not carry the registers of
-// the Gaussian path (cosf's slow argument reduction).
+// the Gaussian path (cosf's slow argument reduction). Occupancy hint: 4 CTAs (32 warps) per SM for
+// Rademacher: ptxas then fits it in 64 registers without spills (with no hint it spilled 4 bytes
+// at 64 registers; sm_90, CUDA 13.0); 2 CTAs for the Gaussian kernel (126 registers).
 template <bool kGaussian>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kGaussian ? 2 : 4)
 apply_seeds_mt_kernel(const int64_t* __restrict__ desc, const int64_t* __restrict__ tile_start, int T,
                       const int64_t* __restrict__ seeds, const float* __restrict__ coeffs, int K,
                       float decay, bool apply_decay) {
