@@ -167,6 +167,9 @@ def _host_buffer(n_words: int, device: torch.device) -> torch.Tensor:
 
 
 _dev_buffers: dict = {}
+#: Held from staging to launch: two Python threads on one stream must not interleave their copies
+#: into the shared device buffer between another call's copy and its kernel.
+_launch_lock = threading.Lock()
 
 
 def _device_buffer(device: torch.device, n_words: int) -> torch.Tensor:
@@ -298,7 +301,7 @@ def run_triton(ts, seeds, coeffs, bases, decay: float, dist: str, *,
     kw = {"num_warps": tk.NUM_WARPS}
     if dev.type == "cuda":
         kw["enable_fp_fusion"] = False
-    with device_guard(dev):
+    with device_guard(dev), _launch_lock:
         desc_d, tile_d, nprog = plan.tiles(nb)
         st = stage(dev, seeds, coeffs, want_tables=not gaussian, want_coeffs=gaussian,
                    scalars_on_device=scalars_on_device)
@@ -338,7 +341,7 @@ def run_cuda(ext, ts, seeds, coeffs, bases, decay: float, dist: str) -> None:
     _check_capture(seeds, coeffs, dev)
     K = int(seeds.numel())
     plan = plan_for(ts, bases)
-    with device_guard(dev):
+    with device_guard(dev), _launch_lock:
         desc_d, tile_d, nprog = plan.tiles(CUDA_TILE_BLOCKS)
         st = stage(dev, seeds, coeffs, want_tables=False, want_coeffs=True)
         ext.apply_seeds_mt(desc_d, tile_d, plan.T, nprog, st.seeds,
