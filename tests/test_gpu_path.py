@@ -491,6 +491,28 @@ def test_cuda_graph_capture(backend):
         assert_bits_equal(a, b, "graph replay")
 
 
+@needs_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_plan_reused_on_a_side_stream(backend):
+    """A plan built on the default stream, used at once on a side stream: the side stream waits
+    for the table's copy (an event, no host wait); two updates equal two reference updates."""
+    require(backend)
+    from zo_kernels import _gpu as g
+    g.clear_plans()
+    ts = make_tensors([(4096,), (129,)], torch.float32, seed=19)
+    seeds, coeffs = make_case(6, seed=20)
+    xs = [t.cuda() for t in ts]
+    zo_kernels.apply_seeds_(xs, seeds, coeffs, 0.999, backend=backend)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        zo_kernels.apply_seeds_(xs, seeds, coeffs, 0.999, backend=backend)
+    side.synchronize()
+    want = expected(expected(ts, seeds, coeffs, 0.999), seeds, coeffs, 0.999)
+    for x, w in zip(xs, want):
+        assert_bits_equal(x, w, "side stream")
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_tensor_on_second_device(backend):

@@ -87,7 +87,7 @@ class Plan:
     size.
     """
 
-    __slots__ = ("device", "T", "dtype_code", "aligned", "desc", "log_t", "_tiles")
+    __slots__ = ("device", "T", "dtype_code", "aligned", "desc", "log_t", "_tiles", "_ready")
 
     def __init__(self, device: torch.device, ptrs, numels, dtypes, bases):
         self.device = device
@@ -100,14 +100,23 @@ class Plan:
                              dtype=np.int64).reshape(self.T, 4)
         self.log_t = max(1, math.ceil(math.log2(self.T))) if self.T > 1 else 0
         self._tiles: dict = {}
+        self._ready: dict = {}   # nb -> (event after the copy, device tensor, streams that use it)
 
-    def tiles(self, nb: int):
+    def tiles(self, nb: int, stream=None):
         """``(desc_dev, tile_start_dev, n_programs)`` for tiles of ``nb`` noise blocks: two views
         of one device int64 tensor holding ``desc`` (``4T``) then ``tile_start`` (``T + 1``;
         tensor ``t`` owns programs ``tile_start[t] .. tile_start[t+1]-1``). Built and copied once
-        (one non-blocking copy from pinned memory)."""
+        (one non-blocking copy from pinned memory) on the current stream ``stream`` (CUDA); a
+        later call on another stream first makes that stream wait for the copy's event (no host
+        wait) and records the stream on the tensor for the caching allocator."""
         hit = self._tiles.get(nb)
         if hit is not None:
+            if stream is not None:
+                ev, dev, seen = self._ready[nb]
+                if stream.cuda_stream not in seen:
+                    stream.wait_event(ev)
+                    dev.record_stream(stream)
+                    seen.add(stream.cuda_stream)
             return hit
         numel, base = self.desc[:, 1], self.desc[:, 2]
         nblocks = (base + numel - 1) // 128 - base // 128 + 1
@@ -122,6 +131,10 @@ class Plan:
         dev.copy_(host, non_blocking=True)
         STATS["staging_copies"] += 1
         out = (dev[:4 * self.T], dev[4 * self.T:], int(tile_start[-1]))
+        if stream is not None:
+            ev = torch.cuda.Event()
+            ev.record(stream)
+            self._ready[nb] = (ev, dev, {stream.cuda_stream})
         self._tiles[nb] = out
         return out
 
@@ -170,6 +183,11 @@ _dev_buffers: dict = {}
 #: Held from staging to launch: two Python threads on one stream must not interleave their copies
 #: into the shared device buffer between another call's copy and its kernel.
 _launch_lock = threading.Lock()
+
+
+def _current_stream(device: torch.device):
+    """The current stream of ``device`` (CUDA), else None."""
+    return torch.cuda.current_stream(device) if device.type == "cuda" else None
 
 
 def _device_buffer(device: torch.device, n_words: int) -> torch.Tensor:
@@ -302,7 +320,7 @@ def run_triton(ts, seeds, coeffs, bases, decay: float, dist: str, *,
     if dev.type == "cuda":
         kw["enable_fp_fusion"] = False
     with device_guard(dev), _launch_lock:
-        desc_d, tile_d, nprog = plan.tiles(nb)
+        desc_d, tile_d, nprog = plan.tiles(nb, _current_stream(dev))
         st = stage(dev, seeds, coeffs, want_tables=not gaussian, want_coeffs=gaussian,
                    scalars_on_device=scalars_on_device)
         tables = st.tables
@@ -342,7 +360,7 @@ def run_cuda(ext, ts, seeds, coeffs, bases, decay: float, dist: str) -> None:
     K = int(seeds.numel())
     plan = plan_for(ts, bases)
     with device_guard(dev), _launch_lock:
-        desc_d, tile_d, nprog = plan.tiles(CUDA_TILE_BLOCKS)
+        desc_d, tile_d, nprog = plan.tiles(CUDA_TILE_BLOCKS, _current_stream(dev))
         st = stage(dev, seeds, coeffs, want_tables=False, want_coeffs=True)
         ext.apply_seeds_mt(desc_d, tile_d, plan.T, nprog, st.seeds,
                            st.coeffs if st.coeffs is not None else st.any_buffer.view(torch.float32),
