@@ -111,7 +111,9 @@ class Plan:
         wait) and records the stream on the tensor for the caching allocator."""
         hit = self._tiles.get(nb)
         if hit is not None:
-            if stream is not None:
+            # Not while capturing a CUDA graph: waiting there on an event recorded outside the
+            # capture is not allowed; capture after a synchronized warm-up call instead.
+            if stream is not None and not torch.cuda.is_current_stream_capturing():
                 ev, dev, seen = self._ready[nb]
                 if stream.cuda_stream not in seen:
                     stream.wait_event(ev)
