@@ -119,7 +119,7 @@ def _coeffs_tensor(coeffs, fn: str) -> torch.Tensor:
         if coeffs.device.type == "cuda":
             # Read on the device by the GPU backends; checking finiteness here would synchronize
             # the stream, so device coefficients are not checked (a non-finite one gives
-            # non-finite results, as in any torch op). See docs/design/gpu_path.md.
+            # non-finite results, as in any torch op). See docs/DESIGN.md, "The GPU path".
             return coeffs.detach().reshape(-1).to(torch.float32).contiguous()
         c = coeffs.detach().reshape(-1).to("cpu", torch.float32).contiguous()
     else:
@@ -218,7 +218,7 @@ def _run_cpu(ts, seeds, coeffs, bases, decay, dist):
 
 
 def _run_triton(ts, seeds, coeffs, bases, decay, dist):
-    # One launch, no synchronization: the host side lives in _gpu (docs/design/gpu_path.md).
+    # One launch, no synchronization: the host side lives in _gpu (docs/DESIGN.md, "The GPU path").
     _gpu.run_triton(ts, seeds, coeffs, bases, float(decay), dist)
 
 

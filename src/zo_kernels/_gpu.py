@@ -17,7 +17,7 @@ Per call, ``apply_seeds_`` on CUDA tensors does, on the host:
 
 Nothing reads device memory on the host: no ``.item()``, no ``.cpu()``, no blocking copy, so the
 host runs ahead of the GPU and a call can be recorded in a CUDA graph (seeds and coefficients then
-must be CUDA tensors; see ``docs/design/gpu_path.md``).
+must be CUDA tensors; see ``docs/DESIGN.md, "The GPU path"``).
 
 The same code runs on CPU tensors for the Triton interpreter (``TRITON_INTERPRET=1``); the staging
 buffer is then not pinned and the "device" buffer is host memory, which is how the tests check the
@@ -295,7 +295,7 @@ def _check_capture(seeds, coeffs, device, fn="apply_seeds_"):
     if _capturing(device) and (seeds.device.type == "cpu" or coeffs.device.type == "cpu"):
         raise RuntimeError(f"{fn}: during CUDA graph capture seeds and coeffs must be CUDA "
                            "tensors (a graph replays the copy from the host buffer it captured, "
-                           "whose contents are gone by then); see docs/design/gpu_path.md")
+                           "whose contents are gone by then); see docs/DESIGN.md, "The GPU path"")
 
 
 # --------------------------------------------------------------------------------------------
