@@ -295,7 +295,7 @@ def _check_capture(seeds, coeffs, device, fn="apply_seeds_"):
     if _capturing(device) and (seeds.device.type == "cpu" or coeffs.device.type == "cpu"):
         raise RuntimeError(f"{fn}: during CUDA graph capture seeds and coeffs must be CUDA "
                            "tensors (a graph replays the copy from the host buffer it captured, "
-                           "whose contents are gone by then); see docs/DESIGN.md, "The GPU path"")
+                           "whose contents are gone by then); see docs/DESIGN.md, 'The GPU path'")
 
 
 # --------------------------------------------------------------------------------------------
