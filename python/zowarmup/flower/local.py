@@ -214,8 +214,12 @@ class LocalFederation:
         app = Path(app_dir) if app_dir else write_app(self.workdir / "zowarmupflower")
         rc = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
                       for k, v in run_config.items())
-        out = self.flwr("run", str(app), self.connection, "--run-config", rc, "--format", "json",
-                        timeout=120)
+        try:
+            out = self.flwr("run", str(app), self.connection, "--run-config", rc, "--format",
+                            "json", timeout=120)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError("`flwr run` did not answer within 120 s (is the machine "
+                               "overloaded?)") from None
         try:
             info = json.loads(out.stdout)
             run_id = str(info["run-id"])
@@ -225,8 +229,11 @@ class LocalFederation:
         t0 = time.time()
         entry: dict = {}
         while time.time() - t0 < timeout:
-            ls = self.flwr("list", self.connection, "--run-id", run_id, "--format", "json",
-                           timeout=60)
+            try:
+                ls = self.flwr("list", self.connection, "--run-id", run_id, "--format", "json",
+                               timeout=60)
+            except subprocess.TimeoutExpired:  # a slow answer: ask again until `timeout`
+                continue
             try:
                 runs = json.loads(ls.stdout).get("runs", [])
                 entry = next((r for r in runs if str(r.get("run-id")) == run_id), {})
@@ -278,16 +285,21 @@ def main(argv=None) -> int:
         print(f"error: --out {out} is a file; give a folder (created if missing)", file=sys.stderr)
         return 2
     run_dir = new_run_dir(out, f"flower-{cfg.name}")
-    with LocalFederation(a.supernodes) as fed:
-        res = fed.run({"config": a.config, "overrides": overrides, "deadline": a.deadline,
-                       "out": str(run_dir.resolve())}, timeout=a.timeout)
-        print(json.dumps({"run_id": res["run_id"], "status": res["status"],
-                          "workdir": str(fed.workdir)}))
-        if res["status"] != "finished:completed":
-            log = fed.flwr("log", res["run_id"], fed.connection, "--show", timeout=60)
-            print(f"the run did not complete; its ServerApp log (`flwr log`):\n"
-                  f"{(log.stdout + log.stderr)[-4000:]}", file=sys.stderr)
-            return 1
+    try:
+        with LocalFederation(a.supernodes) as fed:
+            res = fed.run({"config": a.config, "overrides": overrides, "deadline": a.deadline,
+                           "out": str(run_dir.resolve())}, timeout=a.timeout)
+            print(json.dumps({"run_id": res["run_id"], "status": res["status"],
+                              "workdir": str(fed.workdir)}))
+            if res["status"] != "finished:completed":
+                log = fed.flwr("log", res["run_id"], fed.connection, "--show", timeout=60)
+                print(f"the run did not complete; its ServerApp log (`flwr log`):\n"
+                      f"{(log.stdout + log.stderr)[-4000:]}", file=sys.stderr)
+                return 1
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: the local Flower deployment failed: {msg}", file=sys.stderr)
+        return 1
     return finish_run_folder(run_dir, cfg, a.supernodes)
 
 
