@@ -214,11 +214,12 @@ class LocalFederation:
         app = Path(app_dir) if app_dir else write_app(self.workdir / "zowarmupflower")
         rc = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
                       for k, v in run_config.items())
+        wait = max(120.0, min(float(timeout), 600.0))  # `flwr run` itself is slow under load
         try:
             out = self.flwr("run", str(app), self.connection, "--run-config", rc, "--format",
-                            "json", timeout=120)
+                            "json", timeout=wait)
         except subprocess.TimeoutExpired:
-            raise RuntimeError("`flwr run` did not answer within 120 s (is the machine "
+            raise RuntimeError(f"`flwr run` did not answer within {wait:.0f} s (is the machine "
                                "overloaded?)") from None
         try:
             info = json.loads(out.stdout)
