@@ -214,8 +214,13 @@ class LocalFederation:
         app = Path(app_dir) if app_dir else write_app(self.workdir / "zowarmupflower")
         rc = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
                       for k, v in run_config.items())
-        out = self.flwr("run", str(app), self.connection, "--run-config", rc, "--format", "json",
-                        timeout=120)
+        wait = max(120.0, min(float(timeout), 600.0))  # `flwr run` itself is slow under load
+        try:
+            out = self.flwr("run", str(app), self.connection, "--run-config", rc, "--format",
+                            "json", timeout=wait)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"`flwr run` did not answer within {wait:.0f} s (is the machine "
+                               "overloaded?)") from None
         try:
             info = json.loads(out.stdout)
             run_id = str(info["run-id"])
@@ -225,8 +230,11 @@ class LocalFederation:
         t0 = time.time()
         entry: dict = {}
         while time.time() - t0 < timeout:
-            ls = self.flwr("list", self.connection, "--run-id", run_id, "--format", "json",
-                           timeout=60)
+            try:
+                ls = self.flwr("list", self.connection, "--run-id", run_id, "--format", "json",
+                               timeout=60)
+            except subprocess.TimeoutExpired:  # a slow answer: ask again until `timeout`
+                continue
             try:
                 runs = json.loads(ls.stdout).get("runs", [])
                 entry = next((r for r in runs if str(r.get("run-id")) == run_id), {})
@@ -289,9 +297,9 @@ def main(argv=None) -> int:
                 print(f"the run did not complete; its ServerApp log (`flwr log`):\n"
                       f"{(log.stdout + log.stderr)[-4000:]}", file=sys.stderr)
                 return 1
-    except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"error: the local deployment failed: {first}", file=sys.stderr)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: the local Flower deployment failed: {msg}", file=sys.stderr)
         return 1
     return finish_run_folder(run_dir, cfg, a.supernodes)
 
