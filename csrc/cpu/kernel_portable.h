@@ -65,16 +65,43 @@ inline void philox_blocks16_portable(uint64_t block0, uint64_t seed, uint32_t ou
   }
 }
 
-// t[j] (=|+)= (bit j of w set ? c : -c), j < 32.
-inline void signed_terms_set(float* __restrict t, uint32_t w, float c) {
-  const float nc = -c;
+// The sum of one group of N seeds for the 32 elements of one Philox word, with w[s] the word of
+// seed s: t_j = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 (first N terms), s_k = +1 when bit j of w[k]
+// is set, then by MODE: 0: a = 0 + t (first group); 1: a = a + t; and into float32 x with the last
+// group: 2: x = x + (0 + t), 3: x = x * decay + (0 + t) (the only group); 4: x = x + (a + t),
+// 5: x = x * decay + (a + t). One loop over j with N selects and adds in its body: it vectorizes on
+// any SIMD width, and the last group writes the tensor without a separate accumulator pass.
+template <int N, int MODE>
+inline void group_terms32(float* __restrict a, float* __restrict x, const uint32_t* w,
+                          const float* c, float decay) {
+  const uint32_t w0 = w[0], w1 = N > 1 ? w[1] : 0u, w2 = N > 2 ? w[2] : 0u, w3 = N > 3 ? w[3] : 0u;
+  const float c0 = c[0], c1 = N > 1 ? c[1] : 0.0f, c2 = N > 2 ? c[2] : 0.0f, c3 = N > 3 ? c[3] : 0.0f;
+  const float n0 = -c0, n1 = -c1, n2 = -c2, n3 = -c3;
 #pragma omp simd
-  for (int j = 0; j < 32; ++j) t[j] = (w & kBitMasks.m[j]) ? c : nc;
+  for (int j = 0; j < 32; ++j) {
+    const uint32_t m = kBitMasks.m[j];
+    float t = (w0 & m) ? c0 : n0;
+    if (N > 1) t = t + ((w1 & m) ? c1 : n1);
+    if (N > 2) t = t + ((w2 & m) ? c2 : n2);
+    if (N > 3) t = t + ((w3 & m) ? c3 : n3);
+    if (MODE == 0) a[j] = 0.0f + t;
+    if (MODE == 1) a[j] = a[j] + t;
+    if (MODE == 2) x[j] = x[j] + (0.0f + t);
+    if (MODE == 3) x[j] = x[j] * decay + (0.0f + t);
+    if (MODE == 4) x[j] = x[j] + (a[j] + t);
+    if (MODE == 5) x[j] = x[j] * decay + (a[j] + t);
+  }
 }
-inline void signed_terms_add(float* __restrict t, uint32_t w, float c) {
-  const float nc = -c;
-#pragma omp simd
-  for (int j = 0; j < 32; ++j) t[j] = t[j] + ((w & kBitMasks.m[j]) ? c : nc);
+
+template <int MODE>
+inline void group_terms32_n(int n, float* __restrict a, float* __restrict x, const uint32_t* w,
+                            const float* c, float decay) {
+  switch (n) {
+    case 1: group_terms32<1, MODE>(a, x, w, c, decay); break;
+    case 2: group_terms32<2, MODE>(a, x, w, c, decay); break;
+    case 3: group_terms32<3, MODE>(a, x, w, c, decay); break;
+    default: group_terms32<4, MODE>(a, x, w, c, decay); break;
+  }
 }
 
 inline uint16_t bf16_round_portable(float f) {
@@ -121,17 +148,21 @@ inline void finalize_portable(void* p, int dt, int64_t e0, const float* __restri
 }
 
 // Full 128-element blocks [block0, block0 + nblocks) of one tensor whose element 0 is block0's
-// first element, at p (dtype dt). Grouped order, terms computed per element (see the top).
+// first element, at p (dtype dt). Grouped order, terms computed per element (see the top). float32
+// with K <= 64 (one seed batch): the last group writes the tensor (no accumulator pass).
 inline void rademacher_blocks_portable(void* p, int dt, uint64_t block0, int64_t nblocks,
                                        const uint64_t* seeds, const float* coeffs, int K,
                                        float decay) {
   constexpr int G16 = 16;
   alignas(64) float acc[G16 * zo::kBlock];
   alignas(64) uint32_t words[kSeedBatch][4][G16];  // [seed][word][block]
-  alignas(64) float T[32];
+  alignas(64) uint32_t wg[kSumGroup];
+  const bool fused = dt == F32 && K >= 1 && K <= kSeedBatch;
+  const bool dec = decay != 1.0f;
   for (int64_t g0 = 0; g0 < nblocks; g0 += G16) {
     const int G = (int)std::min<int64_t>(G16, nblocks - g0);
-    for (int i = 0; i < G * zo::kBlock; ++i) acc[i] = 0.0f;
+    if (!fused)
+      for (int i = 0; i < G * zo::kBlock; ++i) acc[i] = 0.0f;
     for (int kb = 0; kb < K; kb += kSeedBatch) {
       const int KB = std::min(kSeedBatch, K - kb);
       for (int k = 0; k < KB; ++k)
@@ -139,17 +170,28 @@ inline void rademacher_blocks_portable(void* p, int dt, uint64_t block0, int64_t
       for (int g = 0; g < G; ++g) {
         for (int q = 0; q < 4; ++q) {
           float* __restrict a = acc + g * zo::kBlock + 32 * q;
+          float* x = fused ? static_cast<float*>(p) + (g0 + g) * (int64_t)zo::kBlock + 32 * q : nullptr;
           for (int k0 = 0; k0 < KB; k0 += kSumGroup) {  // kSeedBatch % 4 == 0: groups stay whole
             const int n = std::min(kSumGroup, KB - k0);
-            signed_terms_set(T, words[k0][q][g], coeffs[kb + k0]);
-            for (int s = 1; s < n; ++s) signed_terms_add(T, words[k0 + s][q][g], coeffs[kb + k0 + s]);
-#pragma omp simd
-            for (int j = 0; j < 32; ++j) a[j] = a[j] + T[j];
+            for (int s = 0; s < n; ++s) wg[s] = words[k0 + s][q][g];
+            const float* c = coeffs + kb + k0;
+            const bool first = kb + k0 == 0, last = fused && k0 + kSumGroup >= KB;
+            if (last && first) {
+              if (dec) group_terms32_n<3>(n, a, x, wg, c, decay);
+              else group_terms32_n<2>(n, a, x, wg, c, decay);
+            } else if (last) {
+              if (dec) group_terms32_n<5>(n, a, x, wg, c, decay);
+              else group_terms32_n<4>(n, a, x, wg, c, decay);
+            } else if (first) {
+              group_terms32_n<0>(n, a, x, wg, c, decay);
+            } else {
+              group_terms32_n<1>(n, a, x, wg, c, decay);
+            }
           }
         }
       }
     }
-    finalize_portable(p, dt, g0 * zo::kBlock, acc, G * zo::kBlock, decay);
+    if (!fused) finalize_portable(p, dt, g0 * zo::kBlock, acc, G * zo::kBlock, decay);
   }
 }
 
