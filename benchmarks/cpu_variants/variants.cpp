@@ -445,7 +445,8 @@ ZO_AVX2 static void run_avx2() {
   }
   const int N = 200000;
   struct P { const char* name; int M; void (*f)(int); } ps[] = {
-      {"avx2_one_at_a_time", 1, philox8_loop<1>}, {"avx2_4_interleaved", 4, philox8_loop<4>}};
+      {"avx2_one_at_a_time", 1, philox8_loop<1>}, {"avx2_2_interleaved", 2, philox8_loop<2>},
+      {"avx2_4_interleaved", 4, philox8_loop<4>}};
   for (const P& p : ps) {
     p.f(1);
     const bool ok = philox8_matches(p.M);
