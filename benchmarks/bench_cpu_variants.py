@@ -16,8 +16,9 @@ runs it ``--runs`` times in fresh processes and writes the median of each varian
   evaluations), checked against the project's scalar Philox (``csrc/philox.h``), one evaluation at a
   time and 4 interleaved.
 
-Single thread, data in L1; cycles use a clock calibrated by a chain of dependent integer adds (on a
-shared VM, stolen time makes that calibration, and so the cycle columns, approximate).
+Single thread, data in L1, timed in CPU time of the thread (``CLOCK_THREAD_CPUTIME_ID``: time slices
+other processes take on a shared machine do not count); cycles use a clock calibrated the same way by
+a chain of dependent integer adds.
 
 Usage: ``python benchmarks/bench_cpu_variants.py [--runs 3] [--no-write]``
 """

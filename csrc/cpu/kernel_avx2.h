@@ -2,8 +2,8 @@
 // other path (grouped order, docs/DESIGN.md, Grouped summation order).
 //
 //  - Philox4x32-10 on 8 lanes: 32x32->64 products with vpmuludq on even and odd lanes, recombined with
-//    vpblendd; two independent evaluations interleaved (one alone is latency-bound; four spill the
-//    16 ymm registers and ran at half the speed of two, benchmarks/bench_cpu_variants.py).
+//    vpblendd; four independent evaluations interleaved (benchmarks/bench_cpu_variants.py, thread CPU
+//    time: 27.8 ns per 16 lanes with four, 31.4 with two, 38.7 one at a time).
 //  - K < 16 ("direct"): lanes over 8 blocks of one seed. Per element the group sum
 //    T_g = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 is computed, not looked up: it is the expression
 //    that defines the table entry T_g[idx_g], so the bits are the table's. s_k c_k is one vpsllvd (bit
@@ -89,12 +89,23 @@ ZO_AVX2 void rademacher_direct_avx2(void* p, int dt, uint64_t block0, int64_t nb
   const __m256 dv = _mm256_set1_ps(decay);
   for (int64_t g0 = 0; g0 < nblocks; g0 += kGroup) {
     const int G = (int)std::min<int64_t>(kGroup, nblocks - g0);
-    __m256i cl[2], ch[2];
+    __m256i cl[4], ch[4];
     block_counters8(block0 + (uint64_t)g0, cl[0], ch[0]);
     block_counters8(block0 + (uint64_t)g0 + 8, cl[1], ch[1]);
-    // One seed at a time, its two 8-block halves interleaved. (Two chains: four need more than the
-    // 16 ymm registers and spill; measured in benchmarks/bench_cpu_variants.py, avx2 philox rows.)
-    for (int k = 0; k < K; ++k) {
+    cl[2] = cl[0]; ch[2] = ch[0]; cl[3] = cl[1]; ch[3] = ch[1];
+    int k = 0;
+    for (; k + 2 <= K; k += 2) {  // two seeds x two 8-block halves: 4 chains interleaved
+      const __m256i* rks[4] = {rk[k], rk[k], rk[k + 1], rk[k + 1]};
+      __m256i out[4][4];
+      philox8_multi<4>(cl, ch, rks, out);
+      for (int q = 0; q < 4; ++q) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(W[k][q]), out[0][q]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(W[k][q] + 8), out[1][q]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(W[k + 1][q]), out[2][q]);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(W[k + 1][q] + 8), out[3][q]);
+      }
+    }
+    if (k < K) {
       const __m256i* rks[2] = {rk[k], rk[k]};
       __m256i out[2][4];
       philox8_multi<2>(cl, ch, rks, out);
@@ -168,7 +179,7 @@ ZO_AVX2 void rademacher_table_avx2(void* p, int dt, uint64_t block0, int64_t nbl
       alignas(32) int32_t tm[8];
       for (int i = 0; i < 8; ++i) tm[i] = i < tail ? -1 : 0;
       const __m256i tailmask = _mm256_load_si256(reinterpret_cast<const __m256i*>(tm));
-      // 1. Philox: per block, 8 seeds per vector, 2 vectors interleaved (4 spill: 16 ymm registers).
+      // 1. Philox: per block, 8 seeds per vector, up to 4 vectors interleaved.
       for (int g = 0; g < G; ++g) {
         const uint64_t b = block0 + (uint64_t)(g0 + g);
         const __m256i cb0 = _mm256_set1_epi32((int)(uint32_t)(b & 0xffffffffu));
@@ -176,6 +187,10 @@ ZO_AVX2 void rademacher_table_avx2(void* p, int dt, uint64_t block0, int64_t nbl
         const __m256i c0s[4] = {cb0, cb0, cb0, cb0}, c1s[4] = {cb1, cb1, cb1, cb1};
         __m256i outs[kSeedBatch / 8][4];
         int v = 0;
+        for (; v + 4 <= nv; v += 4) {
+          const __m256i* rks[4] = {rk[v], rk[v + 1], rk[v + 2], rk[v + 3]};
+          philox8_multi<4>(c0s, c1s, rks, outs + v);
+        }
         for (; v + 2 <= nv; v += 2) {
           const __m256i* rks[2] = {rk[v], rk[v + 1]};
           philox8_multi<2>(c0s, c1s, rks, outs + v);
