@@ -33,6 +33,7 @@ Writes ``benchmarks/results/optimizer_step_time.json`` (``--no-write`` to skip).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -57,7 +58,8 @@ def _models():
     return ns["build"], ns["mezo_step"]
 
 
-def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list) -> list[dict]:
+def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
+          mezo: bool = True) -> list[dict]:
     """One row per CPU path in ``paths`` (``[None]``: the default backend, no path forcing)."""
     import torch
     from torch import nn
@@ -89,17 +91,21 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list) -> li
     fns = {"forwards": lambda t: forwards()}
     for path in paths:
         fns[("zo_step", path)] = lambda t, path=path: zo_step(path)
-    fns["mezo_step"] = lambda t: mezo_step(params, closure, mezo_seeds[t], 1e-5, 1e-3)
+    if mezo:
+        fns["mezo_step"] = lambda t: mezo_step(params, closure, mezo_seeds[t], 1e-5, 1e-3)
     prev = _backends.cpu_path()
     times: dict = {k: [] for k in fns}
+    cpu: dict = {k: [] for k in fns}
+    load_start = os.getloadavg()[0]
     try:
         for t in range(warmup + repeats):
             for k, fn in fns.items():
-                t0 = time.perf_counter()
+                c0, t0 = time.process_time(), time.perf_counter()
                 fn(t)
-                dt = time.perf_counter() - t0
+                dt, dc = time.perf_counter() - t0, time.process_time() - c0
                 if t >= warmup:
                     times[k].append(dt)
+                    cpu[k].append(dc)
     finally:
         if prev is not None:
             _backends.set_cpu_path(prev)
@@ -121,6 +127,10 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list) -> li
         # Per repeat: this repeat's step over this repeat's forwards (drift cancels), median.
         ratio = statistics.median(a / f - 1.0 for a, f in zip(times[("zo_step", path)],
                                                                times["forwards"]))
+        # The same in CPU time of the process (all threads): not inflated by time slices other
+        # processes take on a loaded machine.
+        cpu_overhead = statistics.median(cpu[("zo_step", path)]) / statistics.median(
+            cpu["forwards"]) - 1.0
         isa = None
         if path is not None:
             old = _backends.set_cpu_path(path)
@@ -132,12 +142,18 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list) -> li
                        "batch": int(x.shape[0]), "n_params": sum(p.numel() for p in params),
                        "threads": torch.get_num_threads(), "backend": backend,
                        "cpu_path": path, "cpu_isa": isa, "repeats": repeats, "warmup": warmup},
+            "conditions": {"load_avg_1min_start": load_start,
+                           "load_avg_1min_end": os.getloadavg()[0]},
             "figures": {"forwards_2S_s": med["forwards"], "zo_step_s": zs,
-                        "mezo_step_s": med["mezo_step"], "overhead": overhead,
+                        "mezo_step_s": med.get("mezo_step"), "overhead": overhead,
                         "overhead_per_repeat_median": ratio,
-                        "mezo_over_zo": med["mezo_step"] / zs,
+                        "overhead_cpu_time": cpu_overhead,
+                        "mezo_over_zo": med["mezo_step"] / zs if "mezo_step" in med else None,
                         "weight_pass_s": per_pass, "add_all_s": add_s,
                         "weight_pass_over_add": per_pass / add_s if add_s > 0 else None,
+                        "cpu_times": {("zo_step" if isinstance(k, tuple) else k): v
+                                      for k, v in cpu.items()
+                                      if not isinstance(k, tuple) or k[1] == path},
                         "times": {("zo_step" if isinstance(k, tuple) else k): v
                                   for k, v in times.items()
                                   if not isinstance(k, tuple) or k[1] == path},
@@ -157,6 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-paths", default="all",
                     help="comma-separated CPU paths to time the ZO step on (default: every path "
                          "this machine runs; 'default' = no forcing)")
+    ap.add_argument("--no-mezo", action="store_true", help="skip the (slow) MeZO-style step")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     from zo_kernels import _backends
@@ -170,12 +187,12 @@ def main(argv=None) -> int:
         if bad:
             ap.error(f"--cpu-paths: {bad} not run by this CPU (it runs {_backends.cpu_paths()})")
     rows = []
-    print(f"{'config':26s} {'2S fwd ms':>10s} {'step ms':>9s} {'overhead':>9s} {'MeZO ms':>9s} "
-          f"{'MeZO/step':>9s} {'pass ms':>8s} {'add_ ms':>8s}")
+    print(f"{'config':26s} {'2S fwd ms':>10s} {'step ms':>9s} {'overhead':>9s} {'cpu-time':>9s} "
+          f"{'MeZO ms':>9s} {'MeZO/step':>9s} {'pass ms':>8s} {'add_ ms':>8s}")
     for model in args.models.split(","):
         for S in (int(s) for s in args.samples.split(",")):
             reps = args.repeats_large if model == "mlp50m" else args.repeats
-            for row in bench(model, S, reps, args.warmup, paths):
+            for row in bench(model, S, reps, args.warmup, paths, mezo=not args.no_mezo):
                 f = row["figures"]
                 row["command"] = "python benchmarks/bench_optimizer.py" + (
                     " " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
@@ -183,9 +200,12 @@ def main(argv=None) -> int:
                 verdict = ""
                 if "meets_target" in f:
                     verdict = f"  {f['target']['text']}: " + ("pass" if f["meets_target"] else "FAIL")
+                mz = f["mezo_step_s"]
                 print(f"{row['config']['label']:26s} {1e3 * f['forwards_2S_s']:10.2f} "
                       f"{1e3 * f['zo_step_s']:9.2f} {f['overhead']:9.1%} "
-                      f"{1e3 * f['mezo_step_s']:9.2f} {f['mezo_over_zo']:9.2f} "
+                      f"{f['overhead_cpu_time']:9.1%} "
+                      f"{1e3 * mz if mz else float('nan'):9.2f} "
+                      f"{f['mezo_over_zo'] or float('nan'):9.2f} "
                       f"{1e3 * f['weight_pass_s']:8.3f} {1e3 * f['add_all_s']:8.3f}{verdict}",
                       flush=True)
     if not args.no_write:

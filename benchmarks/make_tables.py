@@ -289,6 +289,12 @@ def _kernels_cpu_by_path(rows: list[dict]) -> str:
                      f"{general['figures']['us_per_call']:.1f} us")
         line += "."
     parts.append(line)
+    loads = [lookup(r, "conditions.load_avg_1min_start") for r in rows]
+    loads = [x for x in loads if isinstance(x, (int, float))]
+    if loads:
+        parts += ["", f"1-minute load average when the run started: {max(loads):.1f} on "
+                      f"{(rows[0].get('machine') or {}).get('cpu_count', '?')} cores: other "
+                      "processes had most of the machine, so every figure here is approximate."]
     parts += ["", "Every row, with GB/s and K = 1/16, in [benchmarks/README.md](benchmarks/README.md)."]
     return "\n".join(parts)
 
@@ -416,6 +422,7 @@ FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
         Col("config", "config.label"), Col("path", "config.cpu_path"),
         Col("2S forwards ms", "figures.forwards_2S_s", ms),
         Col("ZO step ms", "figures.zo_step_s", ms), Col("overhead", "figures.overhead", "{:.1%}"),
+        Col("overhead, CPU time", "figures.overhead_cpu_time", "{:.1%}"),
         Col("MeZO step ms", "figures.mezo_step_s", ms),
         Col("MeZO / ZO", "figures.mezo_over_zo", "{:.2f}"), TARGET, RESULT],
         notes=_optimizer_step_notes),
