@@ -1,4 +1,5 @@
-"""Noise stream v1 (DESIGN section 3), bit for bit against the independent numpy reference.
+"""Noise stream v1 (docs/DESIGN.md, Noise stream), bit for bit against the independent numpy
+reference.
 
 Covers: the numpy Philox4x32-10 itself (Random123 known-answer vectors, Triton's own
 ``tl.philox`` / ``tl.randint4x`` / ``tl.randn``), and every usable backend's Rademacher stream on
