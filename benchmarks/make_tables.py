@@ -198,12 +198,14 @@ def _find(rows: list[dict], label: str):
 
 def _kernels_cpu_notes(rows: list[dict]) -> list[str]:
     notes = []
-    add, k64 = _find(rows, "add_"), _find(rows, "apply_seeds_ K=64")
+    add = _find(rows, "add_")
     mezo = _find(rows, "mezo_replay rademacher")
     seq = next((r for r in rows if str(lookup(r, "config.label")).startswith("perturb_ x")), None)
-    if add and k64:
-        line = (f"`apply_seeds_` with 64 seeds takes {k64['figures']['ratio_to_add']:.2f}x one "
-                f"`add_` ({k64['figures']['ns_per_elem_per_seed']:.4f} ns per element per seed)")
+    k64s = [r for r in rows if lookup(r, "config.op") == "apply_seeds_" and lookup(r, "config.K") == 64]
+    if add and k64s:
+        parts = [f"{r['figures']['ratio_to_add']:.2f}x one `add_` on {_path_name(r)} "
+                 f"({r['figures']['ns_per_elem_per_seed']:.4f} ns per element per seed)" for r in k64s]
+        line = "`apply_seeds_` with 64 seeds takes " + ", ".join(parts)
         if seq:
             line += (f"; {seq['config']['K']} sequential `perturb_` calls take "
                      f"{seq['figures']['ratio_to_add']:.1f}x")
@@ -213,16 +215,88 @@ def _kernels_cpu_notes(rows: list[dict]) -> list[str]:
         notes.append(line + ".")
     notes.append("Times are medians over interleaved rounds in one process; `x add_` is the median "
                  "of per-round ratios to an in-place `add_` on the same tensor (GB/s counts one "
-                 "read and one write per element). MeZO replay rows are one seed, one pass.")
+                 "read and one write per element). MeZO replay rows are one seed, one pass. "
+                 "`path` is the C++ backend's CPU path (forced in turn, same process); `us/call`: "
+                 "microseconds per `apply_seeds_` call from Python on 4 small tensors (K = 1), "
+                 "beside four torch `add_` calls.")
+    isas = sorted({f"{lookup(r, 'config.cpu_path')}: `{lookup(r, 'config.cpu_isa')}`" for r in rows
+                   if isinstance(lookup(r, "config.cpu_isa"), str)})
+    if isas:
+        notes.append("`zo_kernels._C.cpu_isa()` per path: " + "; ".join(isas) + ".")
     loads = [lookup(r, "conditions.load_avg_1min_start") for r in rows]
     loads = [x for x in loads if isinstance(x, (int, float))]
     if loads:
-        notes.append(f"1-minute load average when the run started: {max(loads):.2f} (other "
+        notes.append(f"1-minute load average when the run started: {max(loads):.2f} on "
+                     f"{(rows[0].get('machine') or {}).get('cpu_count', '?')} cores (other "
                      "processes on the machine lower absolute GB/s; ratios are less affected).")
     if any(r.get("verified_against_reference") is False for r in rows):
         notes.append("**Warning: the timed backend did not match the reference bit for bit in this "
                      "run.**")
     return notes
+
+
+def _path_name(r: dict) -> str:
+    p = lookup(r, "config.cpu_path")
+    return str(p) if isinstance(p, str) else "the default path"
+
+
+def _kernels_cpu_by_path(rows: list[dict]) -> str:
+    """One row per CPU path: perturb_, K = 8 and K = 64 against add_, the call overhead, targets."""
+    paths = []
+    for r in rows:
+        p = lookup(r, "config.cpu_path")
+        if isinstance(p, str) and p not in paths:
+            paths.append(p)
+    if not paths:
+        return column_table([Col("op", "config.label")])(rows)
+
+    def get(path, pred):
+        return next((r for r in rows if lookup(r, "config.cpu_path") == path and pred(r)), None)
+
+    def cell(r, figure, spec, with_target=True):
+        if r is None:
+            return ""
+        v = fmt_value(lookup(r, figure), spec)
+        if with_target and lookup(r, "figures.meets_target") is not _MISSING:
+            v += " " + pass_fail(lookup(r, "figures.meets_target"))
+        return v
+
+    headers = ["path", "perturb_ share of add_ GB/s (>= 0.9)", "K=8 x add_",
+               "K=64 x add_ (<= 8)", "K=64, CPU time", "us per call, 4 tensors (< 15)"]
+    cells = []
+    for p in paths:
+        pert = get(p, lambda r: lookup(r, "config.label") == f"perturb_ [{p}]")
+        k8 = get(p, lambda r: lookup(r, "config.op") == "apply_seeds_" and lookup(r, "config.K") == 8)
+        k64 = get(p, lambda r: lookup(r, "config.op") == "apply_seeds_" and lookup(r, "config.K") == 64)
+        ov = get(p, lambda r: lookup(r, "config.label") == f"call overhead [{p}]")
+        cells.append([p, cell(pert, "figures.bw_fraction_of_add", "{:.2f}"),
+                      cell(k8, "figures.ratio_to_add", "{:.2f}", False),
+                      cell(k64, "figures.ratio_to_add", "{:.2f}"),
+                      cell(k64, "figures.cpu_time_ratio_to_add", "{:.2f}", False),
+                      cell(ov, "figures.us_per_call", "{:.1f}")])
+    torch_add = _find(rows, "torch add_ x4")
+    general = next((r for r in rows if "general path" in str(lookup(r, "config.label"))), None)
+    parts = [provenance(rows), "", markdown_table(headers, cells), ""]
+    line = ("Ratios: median over interleaved rounds of the op's time over an in-place `add_` on the "
+            "same 100M-element float32 tensor, every path in one process; `CPU time`: the same "
+            "ratio in CPU time of the process, which time slices taken by other processes on a "
+            "loaded machine do not inflate. Targets (issue 11) apply to the avx512 and avx2 paths "
+            "(on wall time); the portable path has the call-overhead target only.")
+    if torch_add:
+        line += f" Four torch `add_` calls on the same small tensors: {torch_add['figures']['us_per_call']:.1f} us"
+        if general:
+            line += (f"; the general Python path (seeds and coefficients as tensors): "
+                     f"{general['figures']['us_per_call']:.1f} us")
+        line += "."
+    parts.append(line)
+    loads = [lookup(r, "conditions.load_avg_1min_start") for r in rows]
+    loads = [x for x in loads if isinstance(x, (int, float))]
+    if loads:
+        parts += ["", f"1-minute load average when the run started: {max(loads):.1f} on "
+                      f"{(rows[0].get('machine') or {}).get('cpu_count', '?')} cores: other "
+                      "processes had most of the machine, so every figure here is approximate."]
+    parts += ["", "Every row, with GB/s and K = 1/16, in [benchmarks/README.md](benchmarks/README.md)."]
+    return "\n".join(parts)
 
 
 def _kernels_memory_notes(rows: list[dict]) -> list[str]:
@@ -281,37 +355,52 @@ def _exact_notes(rows: list[dict]) -> list[str]:
 
 
 def _cpu_variants_notes(rows: list[dict]) -> list[str]:
-    def acc_rows(grouped: bool):
+    def isa_of(r):
+        v = lookup(r, "config.isa")
+        return v if isinstance(v, str) else "avx512"
+
+    def acc_rows(isa: str, grouped: bool):
         return [lookup(r, "figures.ns_per_16_element_seeds") for r in rows
                 if lookup(r, "config.part") == "accumulate" and lookup(r, "figures.bit_exact") is True
-                and ("grouped" in str(lookup(r, "config.variant"))) == grouped]
-    seq, grp = acc_rows(False), acc_rows(True)
-    phx = [lookup(r, "figures.ns_per_16_lanes") for r in rows
-           if lookup(r, "config.part") == "philox" and lookup(r, "figures.bit_exact") is True]
+                and isa_of(r) == isa
+                and (lookup(r, "figures.order") == "grouped"
+                     or "grouped" in str(lookup(r, "config.variant"))) == grouped]
     out = ["Single thread, data in L1, medians over fresh runs; `bit exact`: the variant's sums equal "
            "the first variant's bit for bit (accumulate, seed order), a scalar implementation of the "
-           "grouped order (`grouped4_gfni_permps`, the kernel's loop), or a scalar Philox4x32-10 "
-           "(philox). One 16-lane Philox serves 128 elements x 16 seeds, i.e. 128 groups of 16 "
-           "element-seeds."]
-    if phx:
-        for label, acc in (("seed order (the old contract)", seq), ("grouped order (the kernel)", grp)):
+           "grouped order (`grouped4_gfni_permps`, the avx512 kernel's loop; the `avx2_*` rows, the "
+           "avx2 kernel's loops), or the project's scalar Philox4x32-10 (philox). One 16-lane Philox "
+           "serves 128 elements x 16 seeds, i.e. 128 groups of 16 element-seeds. `~cycles` uses a "
+           "clock calibrated in the same run (a chain of dependent adds), so it also absorbs the share "
+           "of the core other processes took."]
+    for isa in ("avx512", "avx2"):
+        phx = [lookup(r, "figures.ns_per_16_lanes") for r in rows
+               if lookup(r, "config.part") == "philox" and lookup(r, "figures.bit_exact") is True
+               and isa_of(r) == isa]
+        if not phx:
+            continue
+        for label, grouped in (("seed order (the old contract)", False), ("grouped order", True)):
+            acc = acc_rows(isa, grouped)
             if acc:
                 floor = min(acc) + min(phx) / 128
-                out.append(f"Fastest accumulate in {label} + fastest Philox: {floor:.3f} ns per 16 "
-                           f"element-seeds per thread = {floor / 16:.4f} ns per element per seed per "
-                           "thread, before any memory traffic.")
+                out.append(f"{isa}: fastest accumulate in {label} + fastest Philox: {floor:.3f} ns "
+                           f"per 16 element-seeds per thread = {floor / 16:.4f} ns per element per "
+                           "seed per thread, before any memory traffic.")
     return out
 
 
 #: results name -> formatter(rows) -> markdown. Register new benchmarks here (see module doc).
 FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
     "kernels_cpu": column_table([
-        Col("op", "config.label"), Col("n", "config.n"), Col("dtype", "config.dtype"),
-        Col("backend", "config.backend"), Col("threads", "config.threads"),
+        Col("op", "config.label"), Col("path", "config.cpu_path"), Col("n", "config.n"),
+        Col("dtype", "config.dtype"), Col("backend", "config.backend"),
+        Col("threads", "config.threads"),
         Col("median ms", "figures.median_s", ms), Col("GB/s", "figures.gbps", "{:.1f}"),
         Col("x add_", "figures.ratio_to_add", "{:.2f}"),
-        Col("ns/elem/seed", "figures.ns_per_elem_per_seed", "{:.4f}"), TARGET, RESULT],
+        Col("CPU-time x add_", "figures.cpu_time_ratio_to_add", "{:.2f}"),
+        Col("ns/elem/seed", "figures.ns_per_elem_per_seed", "{:.4f}"),
+        Col("us/call", "figures.us_per_call", "{:.2f}"), TARGET, RESULT],
         notes=_kernels_cpu_notes),
+    "kernels_cpu.by_path": _kernels_cpu_by_path,
     "kernels_memory": column_table([
         Col("method", "config.label"), Col("n", "config.n"), Col("dtype", "config.dtype"),
         Col("extra MiB", "figures.extra_mib", "{:.1f}"),
@@ -331,8 +420,10 @@ FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
         Col("x inference", "figures.ratio_to_inference", "{:.3f}"), TARGET, RESULT],
         notes=_optimizer_memory_notes),
     "optimizer_step_time": column_table([
-        Col("config", "config.label"), Col("2S forwards ms", "figures.forwards_2S_s", ms),
+        Col("config", "config.label"), Col("path", "config.cpu_path"),
+        Col("2S forwards ms", "figures.forwards_2S_s", ms),
         Col("ZO step ms", "figures.zo_step_s", ms), Col("overhead", "figures.overhead", "{:.1%}"),
+        Col("overhead, CPU time", "figures.overhead_cpu_time", "{:.1%}"),
         Col("MeZO step ms", "figures.mezo_step_s", ms),
         Col("MeZO / ZO", "figures.mezo_over_zo", "{:.2f}"), TARGET, RESULT],
         notes=_optimizer_step_notes),
@@ -355,7 +446,7 @@ FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
                         or (lookup(r, "config.kind") == "catch_up"
                             and lookup(r, "config.missed_rounds") not in (1, 10, 100)))),
     "cpu_variants": column_table([
-        Col("part", "config.part"), Col("variant", "config.variant"),
+        Col("part", "config.part"), Col("isa", "config.isa"), Col("variant", "config.variant"),
         Col("ns / 16 element-seeds", "figures.ns_per_16_element_seeds", "{:.3f}"),
         Col("ns / 16-lane Philox", "figures.ns_per_16_lanes", "{:.1f}"),
         Col("~cycles / 16 element-seeds", "figures.cycles_per_16_element_seeds", "{:.2f}"),
@@ -411,10 +502,15 @@ def generic_table(rows: list[dict]) -> str:
 
 
 def render(name: str, results_dir: Path) -> str:
-    """The markdown for results ``name``: its formatter's table, or a placeholder if no file."""
-    path = results_dir / f"{name}.json"
+    """The markdown for results ``name``: its formatter's table, or a placeholder if no file.
+
+    ``NAME.VIEW`` (e.g. ``kernels_cpu.by_path``) renders ``results/NAME.json`` with the formatter
+    registered as ``NAME.VIEW``: another view of the same rows.
+    """
+    file_name = name.split(".", 1)[0]
+    path = results_dir / f"{file_name}.json"
     if not path.exists():
-        hint = RUN_HINTS.get(name)
+        hint = RUN_HINTS.get(file_name)
         return (f"_No results yet: `{path.name}` is missing"
                 + (f"; run `{hint}`._" if hint else "._"))
     rows = json.loads(path.read_text())

@@ -1,8 +1,8 @@
 // Noise stream v1: Philox4x32-10 and the Rademacher / Gaussian maps built on it.
 //
 // One header for every compiled backend (C++ CPU and CUDA), so the bits cannot drift apart. The
-// contract (DESIGN section 3): seed -> key (seed & 0xffffffff, seed >> 32); Rademacher element with
-// global index i uses block b = i / 128, counter (b_lo, b_hi, 0, 0), bit (i % 32) of word (i % 128) / 32;
+// contract (docs/DESIGN.md, Noise stream): seed -> key (seed & 0xffffffff, seed >> 32); Rademacher
+// element with global index i uses block b = i / 128, counter (b_lo, b_hi, 0, 0), bit (i % 32) of word (i % 128) / 32;
 // Gaussian element i uses counter (i_lo, i_hi, 0, 0) and Box-Muller on words 0 and 1. The round
 // structure, constants and output order are Triton's (`tl.philox` with uint32 counters).
 #pragma once

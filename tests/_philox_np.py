@@ -1,4 +1,5 @@
-"""Independent numpy implementation of noise stream v1 (DESIGN section 3) for the kernel tests.
+"""Independent numpy implementation of noise stream v1 (docs/DESIGN.md, Noise stream) for the kernel
+tests.
 
 Written from the specification only; it deliberately does not import ``zo_kernels`` (neither its
 reference nor anything else), so a mistake shared by the package and the tests cannot hide.
@@ -32,7 +33,8 @@ KEY_B = 0xBB67AE85
 ROUNDS = 10
 BLOCK = 128
 UNIFORM_SCALE = np.float32(4.6566127342e-10)
-#: Seeds per subset-sum table in the contract's Rademacher accumulation order (DESIGN section 4).
+#: Seeds per subset-sum table in the contract's Rademacher accumulation order (docs/DESIGN.md,
+#: Grouped summation order).
 SUM_GROUP = 4
 TWO_PI = np.float32(6.283185307179586)
 

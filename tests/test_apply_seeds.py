@@ -1,4 +1,6 @@
-"""``apply_seeds_`` / ``perturb_`` (DESIGN section 4) against the numpy fp32 reference, per backend.
+"""``apply_seeds_`` / ``perturb_`` (docs/DESIGN.md, Grouped summation order) against the numpy fp32
+reference, per backend, and for the C++ backend per CPU path (avx512, avx2, portable: every path this
+machine executes, see ``_cpu_paths``).
 
 float32: bit-exact (Rademacher: acc summed in the contract's grouped order -- subset-sum tables over
 groups of 4 seeds, added group by group; Gaussian: in seed order; the decay multiply rounded on its
@@ -22,8 +24,10 @@ import torch
 
 import _philox_np as ref
 import zo_kernels
+from _cpu_paths import CpuPath, backend_params, restore_cpu_path, select  # noqa: F401 (fixture)
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+#: Backends as test parameters; "cpu" is expanded into one parameter per CPU path.
+BACKENDS = backend_params(("reference", "cpu", "triton", "cuda"))
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SHAPES = [(1,), (127,), (3, 43), (129,), (2, 3, 5, 7), (4097,)]
 #: Smaller list for the Triton interpreter (slow): still odd sizes and several blocks.
@@ -37,8 +41,9 @@ def require(backend: str) -> str:
 
     reference and cpu run on CPU tensors; triton on CUDA tensors when a GPU is present, else on CPU
     tensors through the interpreter; cuda only on CUDA tensors. Inputs are built on the CPU and the
-    results are compared there.
+    results are compared there. For the C++ backend, selects the parameter's CPU path (or skips).
     """
+    select(backend)
     info = zo_kernels.backends()[backend]
     devices = info["devices"] if info["usable"] else []
     order = ("cuda", "cpu") if backend in ("triton", "cuda") else ("cpu",)
@@ -203,9 +208,13 @@ def test_grouped_order_small_k_bit_exact(backend, K):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("K", [1, 7, 64])
+@pytest.mark.parametrize("K", [1, 7, 15, 16, 33, 63, 64, 65])
 @pytest.mark.parametrize("decay", [1.0, 0.999])
 def test_apply_seeds_rademacher_bit_exact(backend, dtype, K, decay):
+    """K = 15 / 16 straddle the avx2 path's switch from direct sums to tables; 63 / 65 a partial
+    seed vector and a second seed batch (64 seeds per batch)."""
+    if backend == "triton" and K not in (1, 7, 64):
+        pytest.skip("the Triton interpreter is slow; K = 1, 7, 64 cover its kernel")
     dev = require(backend)
     shapes = SHAPES
     if backend == "triton":
@@ -271,16 +280,21 @@ def test_writes_stay_inside_each_view(backend, dtype):
         assert_bits_equal(v, w, f"view {k}")
 
 
-def test_parameters_requiring_grad_are_updated_in_place():
-    """nn.Parameter leaves (requires_grad=True) are updated in place, storage kept, no autograd
-    history recorded."""
-    lin = torch.nn.Linear(13, 7)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameters_requiring_grad_are_updated_in_place(backend):
+    """nn.Parameter leaves (requires_grad=True) are updated in place under no_grad (as torch's
+    in-place ops require), storage kept, no autograd history recorded, version counters bumped."""
+    if backend == "triton":
+        pytest.skip("covered by the other Triton tests; the interpreter is slow")
+    dev = require(backend)
+    lin = torch.nn.Linear(13, 7).to(dev)
     params = list(lin.parameters())
     ptrs = [p.data_ptr() for p in params]
     want = expected([p.detach() for p in params], [5, 2**63], [0.25, -0.5], 1.0)
-    zo_kernels.apply_seeds_(params, [5, 2**63], [0.25, -0.5])
+    with torch.no_grad():
+        zo_kernels.apply_seeds_(params, [5, 2**63], [0.25, -0.5], backend=backend)
     for p, w, ptr in zip(params, want, ptrs):
-        assert p.requires_grad and p.grad_fn is None and p.data_ptr() == ptr
+        assert p.requires_grad and p.grad_fn is None and p.data_ptr() == ptr and p._version > 0
         assert_bits_equal(p.detach(), w, "parameter")
 
 
@@ -392,24 +406,30 @@ _THREAD_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _run_with_threads(backend: str, n: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n),
+def _run_with_threads(backend: str, n: int, isa: str = "") -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n), ZO_KERNELS_ISA=isa,
                PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    env.pop("ZO_KERNELS_NO_AVX512", None)
     proc = subprocess.run([sys.executable, "-c", _THREAD_SCRIPT, backend], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_omp_num_threads_1_and_2_identical_bits():
-    """Fresh processes with OMP_NUM_THREADS=1 and 2 produce the same bytes (C++ CPU backend)."""
-    require("cpu")
-    one, two = _run_with_threads("cpu", 1), _run_with_threads("cpu", 2)
+@pytest.mark.parametrize("backend", backend_params(["cpu"]))
+def test_omp_num_threads_1_and_2_identical_bits(backend):
+    """Fresh processes with OMP_NUM_THREADS=1 and 2 (and ZO_KERNELS_ISA = the path) produce the same
+    bytes, which are the reference's (C++ CPU backend, per path)."""
+    require(backend)
+    one = _run_with_threads("cpu", 1, backend.path)
+    two = _run_with_threads("cpu", 2, backend.path)
     assert (one["threads"], two["threads"]) == (1, 2)
     assert one["sha"] == two["sha"]
+    if backend.path == "avx512":  # once: the bytes are the reference's
+        assert _run_with_threads("reference", 1)["sha"] == one["sha"]
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("backend", backend_params(["reference", "cpu"]))
 def test_set_num_threads_identical_bits(backend):
     assert require(backend) == "cpu"
     n = (1 << 18) + 77 if backend == "cpu" else 20011

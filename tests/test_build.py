@@ -1,5 +1,5 @@
 """The build: which backends exist, the CUDA extension where a toolkit exists, and the portable CPU
-path against the AVX-512 one (both compiled into the same binary)."""
+path against the default one (every path is compiled into the same binary)."""
 import hashlib
 import os
 import shutil
@@ -75,7 +75,8 @@ print(zo_kernels._backends.cpu_extension().cpu_isa(), h.hexdigest())
 
 
 def _run(env_extra):
-    env = dict(os.environ, **env_extra)
+    env = {k: v for k, v in os.environ.items() if k not in ("ZO_KERNELS_ISA", "ZO_KERNELS_NO_AVX512")}
+    env.update(env_extra)
     out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -83,12 +84,14 @@ def _run(env_extra):
 
 
 def test_portable_cpu_path_equals_simd_path():
+    """The portable path (forced with ZO_KERNELS_ISA) gives the default path's bytes; every other
+    path is compared in tests/test_cpu_paths.py."""
     if not zo_kernels.backends()["cpu"]["usable"]:
         pytest.skip("cpu backend not built")
-    isa_fast, h_fast = _run({})[-2:]
-    isa_port, h_port = _run({"ZO_KERNELS_NO_AVX512": "1"})[-2:]
-    assert isa_port != "avx512"
-    assert h_fast == h_port, f"{isa_fast} and {isa_port} paths disagree"
+    out_fast = _run({})
+    out_port = _run({"ZO_KERNELS_ISA": "portable"})
+    assert out_port[0] == "portable", out_port
+    assert out_fast[-1] == out_port[-1], f"{out_fast[0]} and {out_port[0]} paths disagree"
 
 
 def test_reference_matches_cpu_in_subprocess_hash():
@@ -97,8 +100,10 @@ def test_reference_matches_cpu_in_subprocess_hash():
         pytest.skip("cpu backend not built")
     ref_script = _SCRIPT.replace('backend="cpu"', 'backend="reference"').replace(
         "zo_kernels._backends.cpu_extension().cpu_isa()", "'reference'")
+    # The pure-torch reference needs minutes for this on a loaded 2-core machine (300 s ran out at
+    # load average 40): a generous limit, this is a correctness check.
     out = subprocess.run([sys.executable, "-c", ref_script], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=1800)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == _run({})[-1]
 

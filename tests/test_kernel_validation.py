@@ -248,3 +248,52 @@ def test_op_mutates_in_place_like_public_api():
                                       zo_kernels.offsets(ts, 128), 0.999, "rademacher")
     for t, w in zip(ts, want):
         np.testing.assert_array_equal(t.reshape(-1).numpy(), w)
+
+
+@pytest.mark.parametrize("dist", ["uniform", "Rademacher", ""])
+def test_registered_op_rejects_unknown_dist_listing_allowed(dist):
+    ts = [_valid(), _valid(129)]
+    before = _snapshot(ts)
+    with pytest.raises(ValueError, match=r"unknown dist .*allowed: 'rademacher', 'gaussian'"):
+        torch.ops.zo_kernels.apply_seeds_(ts, torch.tensor([1]), torch.tensor([0.5]),
+                                          zo_kernels.offsets(ts), 1.0, dist)
+    _assert_unchanged(ts, before)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_registered_op_rejects_non_finite_coeffs(bad):
+    ts = [_valid(), _valid(129)]
+    before = _snapshot(ts)
+    with pytest.raises(ValueError, match=r"coeffs\[1\].*not finite"):
+        torch.ops.zo_kernels.apply_seeds_(ts, torch.tensor([1, 2]), torch.tensor([0.5, bad]),
+                                          zo_kernels.offsets(ts), 1.0, "rademacher")
+    _assert_unchanged(ts, before)
+
+
+def test_registered_op_rejects_the_same_tensor_twice_and_overlaps():
+    x = _valid()
+    before = _snapshot([x])
+    for ts in ([x, x], [x[:200], x[100:]]):
+        with pytest.raises(ValueError, match="share memory"):
+            torch.ops.zo_kernels.apply_seeds_(ts, torch.tensor([1]), torch.tensor([0.5]),
+                                              [0, 1024], 1.0, "rademacher")
+    _assert_unchanged([x], before)
+
+
+@pytest.mark.parametrize("what,args,match", [
+    ("bases length", dict(bases=[0]), "1 bases for 2 tensors"),
+    ("negative base", dict(bases=[0, -128]), r"bases\[1\] must be an int >= 0"),
+    ("decay", dict(decay=float("nan")), "decay must be a finite"),
+    ("seed/coeff lengths", dict(coeffs=torch.tensor([0.5, 0.5])), r"len\(seeds\) = 1"),
+    ("seeds dtype", dict(seeds=torch.tensor([1], dtype=torch.int32)), "seeds must be a 1-D int64"),
+    ("non-contiguous", dict(tensors=[torch.randn(20, 30).t(), torch.randn(5)]), "not contiguous"),
+])
+def test_registered_op_checks_its_arguments(what, args, match):
+    call = dict(tensors=[_valid(), _valid(129)], seeds=torch.tensor([1]),
+                coeffs=torch.tensor([0.5]), bases=[0, 384], decay=1.0, dist="rademacher")
+    call.update(args)
+    before = _snapshot(call["tensors"])
+    with pytest.raises((ValueError, TypeError), match=match):
+        torch.ops.zo_kernels.apply_seeds_(call["tensors"], call["seeds"], call["coeffs"],
+                                          call["bases"], call["decay"], call["dist"])
+    _assert_unchanged(call["tensors"], before)

@@ -1,4 +1,5 @@
-"""Noise stream v1 (DESIGN section 3), bit for bit against the independent numpy reference.
+"""Noise stream v1 (docs/DESIGN.md, Noise stream), bit for bit against the independent numpy
+reference.
 
 Covers: the numpy Philox4x32-10 itself (Random123 known-answer vectors, Triton's own
 ``tl.philox`` / ``tl.randint4x`` / ``tl.randn``), and every usable backend's Rademacher stream on
@@ -16,8 +17,10 @@ import torch
 
 import _philox_np as ref
 import zo_kernels
+from _cpu_paths import backend_params, restore_cpu_path, select  # noqa: F401 (fixture)
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+#: Backends as test parameters; "cpu" is expanded into one parameter per CPU path (_cpu_paths).
+BACKENDS = backend_params(("reference", "cpu", "triton", "cuda"))
 SIZES = (1, 127, 128, 129, 4097, 278011)
 #: Largest size run through the Triton interpreter (it manages a few M elements/s on this machine).
 TRITON_MAX = 4097
@@ -38,6 +41,7 @@ def require(backend: str) -> str:
     reference and cpu run on CPU tensors; triton on CUDA tensors when a GPU is present, else on CPU
     tensors through the interpreter; cuda only on CUDA tensors.
     """
+    select(backend)
     info = zo_kernels.backends()[backend]
     devices = info["devices"] if info["usable"] else []
     order = ("cuda", "cpu") if backend in ("triton", "cuda") else ("cpu",)
@@ -239,7 +243,7 @@ def test_gaussian_matches_numpy(backend, offset):
 
 def test_gaussian_backends_agree():
     """All usable backends agree within 1e-6 relative on the same Gaussian values."""
-    names = [b for b in BACKENDS if zo_kernels.backends()[b]["usable"]]
+    names = [b for b in ("reference", "cpu", "triton", "cuda") if zo_kernels.backends()[b]["usable"]]
     if len(names) < 2:
         pytest.skip(f"only {names} usable; nothing to compare")
     seed, n, off = 2**63 + 5, 1031, 2**32 - 100

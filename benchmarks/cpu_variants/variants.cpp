@@ -1,24 +1,31 @@
-// Micro-benchmark of inner-loop variants of the CPU kernel's K >= 16 path (AVX-512), single thread,
-// data in L1: why apply_seeds_ with K = 64 is compute-bound where it is. Built and run by
-// benchmarks/bench_cpu_variants.py; prints one JSON object per line.
+// Micro-benchmark of inner-loop variants of the CPU kernel's K >= 16 paths (AVX-512 and AVX2), single
+// thread, data in L1: why apply_seeds_ with K = 64 is compute-bound where it is. Built and run by
+// benchmarks/bench_cpu_variants.py; prints one JSON object per line (field "isa" names the path).
 //
 // Part 1, "accumulate": per seed and 16 elements, turn a sign bit into +c or -c and add it to an fp32
-// accumulator, in seed order (the exact arithmetic of DESIGN section 4). Every variant is checked
+// accumulator, in seed order (the arithmetic before the grouped order). Every variant is checked
 // bit for bit against variant "test_xor_add". Variant "grouped4_gfni_permps" is the kernel's grouped
 // order (subset-sum tables over groups of 4 seeds: bit transpose with vpermb + gf2p8affineqb +
 // vpermt2b, then vpsrld + vpermps + vaddps per group), a different sum, checked bit for bit against a
 // scalar implementation of that order instead. Part 2, "philox": Philox4x32-10 on 16 lanes, checked
-// against a scalar Philox; latency-bound (one evaluation at a time) and interleaved (4 independent).
+// against the project's scalar Philox (csrc/philox.h); latency-bound (one evaluation at a time) and
+// interleaved (4 independent). The AVX2 rows time the avx2 path's own code (csrc/cpu/avx2_blocks.h):
+// "avx2_direct_sllv_blendv" (its K < 16 sums: one vpsllvd + vblendvps per seed and 8 elements, the
+// group's terms added left to right), "avx2_transpose_permps2" (its K >= 16 sums: movemask transpose,
+// two vpermps + vblendvps per group and 8 elements) and its 8-lane Philox.
 #include <immintrin.h>
 
 #include <algorithm>
 #include <chrono>
+#include <ctime>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <vector>
 
-#include "../../csrc/cpu/grouped_sum.h"  // the kernel's tables and bit transpose
+#include "../../csrc/cpu/avx2_blocks.h"   // the avx2 path's Philox and bit transpose
+#include "../../csrc/cpu/grouped_sum.h"   // the kernel's tables and the AVX-512 bit transpose
+#include "../../csrc/philox.h"            // the one scalar Philox4x32-10
 
 #define ZO_T __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bitalg,avx512vbmi,gfni"), noinline))
 
@@ -195,14 +202,9 @@ ZO_T void acc_grouped4() {
 }
 
 // ---- Philox ---------------------------------------------------------------------------------
-constexpr uint32_t RA = 0xD2511F53u, RB = 0xCD9E8D57u, KA = 0x9E3779B9u, KB = 0xBB67AE85u;
-static void philox_scalar(uint32_t c[4], uint32_t k0, uint32_t k1) {
-  for (int r = 0; r < 10; ++r) {
-    const uint64_t pa = (uint64_t)RA * c[0], pb = (uint64_t)RB * c[2];
-    const uint32_t n0 = (uint32_t)(pb >> 32) ^ c[1] ^ k0, n2 = (uint32_t)(pa >> 32) ^ c[3] ^ k1;
-    c[1] = (uint32_t)pb; c[3] = (uint32_t)pa; c[0] = n0; c[2] = n2;
-    k0 += KA; k1 += KB;
-  }
+constexpr uint32_t RA = zo::kRoundA, RB = zo::kRoundB, KA = zo::kKeyA, KB = zo::kKeyB;
+static void philox_scalar(uint32_t c[4], uint32_t k0, uint32_t k1) {  // counter (c0, c1, 0, 0)
+  zo::philox4x32_10(c[0], c[1], k0, k1, c);
 }
 // blend: products recombined with shifts + vpblendmd, keys bumped each round (previous kernel)
 // shuffle: one merge-masked vpshufd per word, round keys from a table (the kernel's choice)
@@ -241,12 +243,96 @@ ZO_T void philox(const __m512i* c0, __m512i c1, const __m512i* rk, __m512i (*o)[
   for (int m = 0; m < M; ++m) { o[m][0] = x0[m]; o[m][1] = x1[m]; o[m][2] = x2[m]; o[m][3] = x3[m]; }
 }
 
+// ---- AVX2 (the avx2 path's schemes) -------------------------------------------------------
+#define ZO_T2 ZO_AVX2 __attribute__((noinline))
+// K < 16 scheme: per group, T = s_0 c_0 + s_1 c_1 + ... (vpsllvd + vblendvps per seed), acc += T.
+ZO_T2 void acc_avx2_direct() {
+  const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  __m256i sh[4];
+  for (int v = 0; v < 4; ++v) sh[v] = _mm256_sub_epi32(_mm256_set1_epi32(31 - 8 * v), iota);
+  for (int g = 0; g < G; ++g)
+    for (int q = 0; q < 4; ++q) {
+      __m256 acc[4];
+      for (int v = 0; v < 4; ++v) acc[v] = _mm256_setzero_ps();
+      for (int k0 = 0; k0 < K; k0 += 4) {
+        __m256 T[4];
+        for (int s = 0; s < 4; ++s) {
+          const __m256i w = _mm256_set1_epi32((int)planes[q][g * K + k0 + s]);
+          const __m256 pc = _mm256_castsi256_ps(_mm256_set1_epi32((int)pcb[k0 + s]));
+          const __m256 nc = _mm256_castsi256_ps(_mm256_set1_epi32((int)ncb[k0 + s]));
+          for (int v = 0; v < 4; ++v) {
+            const __m256 t = _mm256_blendv_ps(nc, pc, _mm256_castsi256_ps(_mm256_sllv_epi32(w, sh[v])));
+            T[v] = s == 0 ? t : _mm256_add_ps(T[v], t);
+          }
+        }
+        for (int v = 0; v < 4; ++v) acc[v] = _mm256_add_ps(acc[v], T[v]);
+      }
+      for (int v = 0; v < 4; ++v) _mm256_store_ps(out[g] + 32 * q + 8 * v, acc[v]);
+    }
+}
+// K >= 16 scheme: transpose32_avx2, then per group and 8 elements two vpermps + vblendvps + vaddps.
+ZO_T2 void acc_avx2_table() {
+  alignas(32) uint32_t idx[K / 32][128];
+  for (int g = 0; g < G; ++g) {
+    for (int u = 0; u < K / 32; ++u)
+      for (int q = 0; q < 4; ++q) zo_cpu::transpose32_avx2(&planes[q][g * K + 32 * u], idx[u] + 32 * q);
+    for (int h = 0; h < 2; ++h) {
+      __m256 acc[8];
+      for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
+      for (int gi = 0; gi < K / 4; ++gi) {
+        const int u = gi >> 3, gl = gi & 7, n = 4 * (gl & 1) + (gl >> 1);
+        const __m128i shr = _mm_cvtsi32_si128(4 * n), shl = _mm_cvtsi32_si128(28 - 4 * n);
+        const __m256 TL = _mm256_load_ps(tab[gi]), TH = _mm256_load_ps(tab[gi] + 8);
+        for (int v = 0; v < 8; ++v) {
+          const __m256i I = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx[u] + 64 * h + 8 * v));
+          const __m256i ix = _mm256_srl_epi32(I, shr);
+          const __m256 t = _mm256_blendv_ps(_mm256_permutevar8x32_ps(TL, ix), _mm256_permutevar8x32_ps(TH, ix),
+                                            _mm256_castsi256_ps(_mm256_sll_epi32(I, shl)));
+          acc[v] = _mm256_add_ps(acc[v], t);
+        }
+      }
+      for (int v = 0; v < 8; ++v) _mm256_store_ps(out[g] + 64 * h + 8 * v, acc[v]);
+    }
+  }
+}
+alignas(32) __m256i RK8[4][20], C08[4], C18[4], OUT8[4][4];
+template <int M>
+ZO_T2 void philox8_loop(int N) {
+  const __m256i* rks[4] = {RK8[0], RK8[1], RK8[2], RK8[3]};
+  for (int i = 0; i < N; ++i) {
+    zo_cpu::philox8_multi<M>(C08, C18, rks, OUT8);
+    asm volatile("" ::: "memory");  // every evaluation is done and stored (nothing hoisted)
+  }
+}
+ZO_T2 static bool philox8_matches(int M) {
+  bool ok = true;
+  alignas(32) uint32_t o[4][8], k0[8], k1[8];
+  for (int m = 0; m < M; ++m) {
+    for (int q = 0; q < 4; ++q) _mm256_store_si256(reinterpret_cast<__m256i*>(o[q]), OUT8[m][q]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(k0), RK8[m][0]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(k1), RK8[m][1]);
+    for (int l = 0; l < 8; ++l) {
+      uint32_t c[4] = {77, 5, 0, 0};
+      philox_scalar(c, k0[l], k1[l]);
+      for (int q = 0; q < 4; ++q) ok &= c[q] == o[q][l];
+    }
+  }
+  return ok;
+}
+
+// Best of `reps` runs, in CPU time of this thread (CLOCK_THREAD_CPUTIME_ID): on a shared machine the
+// time slices other processes take do not count, so the figures track an idle machine's.
+static double thread_seconds() {
+  timespec ts;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
 template <class Fn> static double best_of(Fn f, int reps) {
   double best = 1e30;
   for (int r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
+    const double t0 = thread_seconds();
     f();
-    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    best = std::min(best, thread_seconds() - t0);
   }
   return best;
 }
@@ -274,11 +360,12 @@ ZO_T static void philox_loop(PhiloxFn f, int M, int N) {
   const __m512i c1 = _mm512_set1_epi32(5);
   for (int i = 0; i < N; ++i) {
     f(C0, c1, RK, OUT);
-    C0[0] = _mm512_xor_si512(C0[0], _mm512_and_si512(OUT[M - 1][0], _mm512_setzero_si512()));
+    asm volatile("" ::: "memory");  // every evaluation is done and stored (nothing hoisted)
   }
 }
 
-ZO_T int run() {
+static double ghz = 1.0;
+static void setup() {
   uint32_t x = 12345;
   for (int q = 0; q < 4; ++q)
     for (int i = 0; i < G * K; ++i) { x ^= x << 13; x ^= x >> 17; x ^= x << 5; planes[q][i] = x; }
@@ -286,12 +373,23 @@ ZO_T int run() {
     const float c = 0.001f * (k + 1) * ((k & 1) ? 1.0f : -1.0f);
     pcb[k] = f2u(c); ncb[k] = f2u(-c);
   }
+  make_tables();
   // calibration: a chain of dependent integer adds runs at one per cycle
   const long n_add = 100000000L;
   const double t_add = best_of([&] { uint64_t y = 1; for (long i = 0; i < n_add; ++i) asm volatile("add $1, %0" : "+r"(y)); }, 9);
-  const double ghz = n_add / t_add / 1e9;
+  ghz = n_add / t_add / 1e9;
   std::printf("{\"part\": \"clock\", \"ghz\": %.3f}\n", ghz);
+}
 
+static void print_acc(const char* isa, const char* name, double t, bool same, bool grouped) {
+  const double groups = (double)G * K * 128 / 16;  // 16 element-seeds per 512-bit operation
+  std::printf("{\"part\": \"accumulate\", \"isa\": \"%s\", \"variant\": \"%s\", "
+              "\"ns_per_16_element_seeds\": %.4f, \"cycles_per_16_element_seeds\": %.3f, "
+              "\"bit_exact\": %s%s}\n", isa, name, t / groups * 1e9, t / groups * 1e9 * ghz,
+              same ? "true" : "false", grouped ? ", \"order\": \"grouped\"" : "");
+}
+
+ZO_T static void run_avx512() {
   static float ref[G][128];
   acc_test_xor_add();
   std::memcpy(ref, out, sizeof ref);
@@ -300,25 +398,17 @@ ZO_T int run() {
       {"shift_ternlog_add", acc_shift_ternlog_add}, {"kload_blend_add", acc_kload_blend_add},
       {"bitshuffle_kshift_blend_add", acc_bitshuffle_kshift}, {"two_adds_masked", acc_two_adds},
       {"test_blend_half_fma", acc_test_blend_half_fma}};
-  const double groups = (double)G * K * 128 / 16;  // 16 element-seeds per vector operation
   for (const V& v : vs) {
     v.f();
     const bool same = std::memcmp(ref, out, sizeof ref) == 0;
-    const double t = best_of(v.f, 300);
-    std::printf("{\"part\": \"accumulate\", \"variant\": \"%s\", \"ns_per_16_element_seeds\": %.4f, "
-                "\"cycles_per_16_element_seeds\": %.3f, \"bit_exact\": %s}\n",
-                v.name, t / groups * 1e9, t / groups * 1e9 * ghz, same ? "true" : "false");
+    print_acc("avx512", v.name, best_of(v.f, 300), same, false);
   }
   {
     static float ref2[G][128];
-    make_tables();
     grouped_scalar(ref2);
     acc_grouped4();
     const bool same = std::memcmp(ref2, out, sizeof ref2) == 0;
-    const double t = best_of(acc_grouped4, 300);
-    std::printf("{\"part\": \"accumulate\", \"variant\": \"grouped4_gfni_permps\", \"ns_per_16_element_seeds\": %.4f, "
-                "\"cycles_per_16_element_seeds\": %.3f, \"bit_exact\": %s, \"order\": \"grouped\"}\n",
-                t / groups * 1e9, t / groups * 1e9 * ghz, same ? "true" : "false");
+    print_acc("avx512", "grouped4_gfni_permps", best_of(acc_grouped4, 300), same, true);
   }
 
   // Philox: 16 lanes = 16 seeds of one block
@@ -339,20 +429,56 @@ ZO_T int run() {
     const bool ok = philox_matches(p.M);
     const double t = best_of([&] { philox_loop(p.f, p.M, N); }, 5);
     const double per = t / N / p.M;  // seconds per 16-lane Philox evaluation
-    std::printf("{\"part\": \"philox\", \"variant\": \"%s\", \"ns_per_16_lanes\": %.2f, "
+    std::printf("{\"part\": \"philox\", \"isa\": \"avx512\", \"variant\": \"%s\", \"ns_per_16_lanes\": %.2f, "
                 "\"cycles_per_16_lanes\": %.1f, \"cycles_per_16_element_seeds\": %.3f, \"bit_exact\": %s}\n",
                 p.name, per * 1e9, per * 1e9 * ghz, per * 1e9 * ghz / 128.0, ok ? "true" : "false");
   }
-  return 0;
+}
+
+ZO_AVX2 static void run_avx2() {
+  static float ref2[G][128];
+  grouped_scalar(ref2);
+  struct V { const char* name; void (*f)(); } vs[] = {
+      {"avx2_direct_sllv_blendv", acc_avx2_direct}, {"avx2_transpose_permps2", acc_avx2_table}};
+  for (const V& v : vs) {
+    std::memset(out, 0, sizeof out);
+    v.f();
+    const bool same = std::memcmp(ref2, out, sizeof ref2) == 0;
+    print_acc("avx2", v.name, best_of(v.f, 300), same, true);
+  }
+  for (int m = 0; m < 4; ++m) {
+    zo_cpu::round_keys8(0x1234567u * (m + 1), 0xabcdef1u * (m + 3), RK8[m]);
+    C08[m] = _mm256_set1_epi32(77);
+    C18[m] = _mm256_set1_epi32(5);
+  }
+  const int N = 200000;
+  struct P { const char* name; int M; void (*f)(int); } ps[] = {
+      {"avx2_one_at_a_time", 1, philox8_loop<1>}, {"avx2_2_interleaved", 2, philox8_loop<2>},
+      {"avx2_4_interleaved", 4, philox8_loop<4>}};
+  for (const P& p : ps) {
+    p.f(1);
+    const bool ok = philox8_matches(p.M);
+    const double t = best_of([&] { p.f(N); }, 5);
+    const double per16 = 2.0 * t / N / p.M;  // two 8-lane evaluations = 16 lanes
+    std::printf("{\"part\": \"philox\", \"isa\": \"avx2\", \"variant\": \"%s\", \"ns_per_16_lanes\": %.2f, "
+                "\"cycles_per_16_lanes\": %.1f, \"cycles_per_16_element_seeds\": %.3f, \"bit_exact\": %s}\n",
+                p.name, per16 * 1e9, per16 * 1e9 * ghz, per16 * 1e9 * ghz / 128.0, ok ? "true" : "false");
+  }
 }
 
 int main() {
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-      !__builtin_cpu_supports("avx512dq") || !__builtin_cpu_supports("avx512vl") ||
-      !__builtin_cpu_supports("avx512bitalg") || !__builtin_cpu_supports("avx512vbmi") ||
-      !__builtin_cpu_supports("gfni")) {
-    std::printf("{\"part\": \"skipped\", \"why\": \"this CPU lacks AVX-512 F/BW/DQ/VL/BITALG/VBMI or GFNI\"}\n");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("f16c");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx512bitalg") && __builtin_cpu_supports("avx512vbmi") &&
+                      __builtin_cpu_supports("gfni");
+  if (!avx2) {
+    std::printf("{\"part\": \"skipped\", \"why\": \"this CPU lacks AVX2 (x86-64-v3)\"}\n");
     return 0;
   }
-  return run();
+  setup();
+  if (avx512) run_avx512();
+  run_avx2();
+  return 0;
 }

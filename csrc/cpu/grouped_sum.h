@@ -1,5 +1,5 @@
-// The grouped accumulation order of Rademacher noise (DESIGN section 4; every backend follows it),
-// shared by the CPU kernel (apply_seeds_kernel.h) and its micro-benchmark
+// The grouped accumulation order of Rademacher noise (docs/DESIGN.md, Grouped summation order; every
+// backend follows it), shared by the CPU kernel (apply_seeds_kernel.h) and its micro-benchmark
 // (benchmarks/cpu_variants/variants.cpp). No torch dependency.
 //
 //   T_g[m] = (m&1 ? c_4g : -c_4g) + (m&2 ? c_4g+1 : -c_4g+1) + ...   (fp32, left to right, n_g terms)

@@ -13,13 +13,15 @@ import torch
 from . import _gpu
 from . import reference as _ref
 from ._backends import backends as _backends_report
-from ._backends import cpu_extension, cuda_extension, triton_interpreted, triton_module
+from ._backends import (cpu_extension, cpu_isa_error, cuda_extension, triton_interpreted,
+                        triton_module)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DISTS = ("rademacher", "gaussian")
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 BLOCK = _ref.BLOCK
-#: Seeds per subset-sum table in the Rademacher accumulation order (DESIGN section 4): ``apply_seeds_``
+#: Seeds per subset-sum table in the Rademacher accumulation order (docs/DESIGN.md, Grouped summation
+#: order): ``apply_seeds_``
 #: sums the seeds in groups of ``SUM_GROUP`` consecutive seeds, each group through one
 #: ``2**SUM_GROUP``-entry table of fp32 subset sums (see its docstring).
 SUM_GROUP = _ref.SUM_GROUP
@@ -58,6 +60,13 @@ def _check_tensors(ts: list[torch.Tensor], fn: str) -> None:
         if t.is_inference() and not torch.is_inference_mode_enabled():
             raise RuntimeError(f"{fn}: tensors[{i}] is an inference tensor; updating it in place "
                                "is only allowed inside torch.inference_mode() (as for any torch op)")
+        if t.requires_grad and torch.is_grad_enabled():
+            if t.is_leaf:  # torch's own in-place ops refuse this with the same words
+                raise RuntimeError(f"{fn}: tensors[{i}] is a leaf that requires grad: a leaf "
+                                   "Variable that requires grad is being used in an in-place "
+                                   "operation. Call it under torch.no_grad() or pass p.detach()")
+            raise RuntimeError(f"{fn}: tensors[{i}] requires grad and grad mode is on; "
+                               f"{fn} has no derivative: call it under torch.no_grad()")
     devs = {t.device for t in ts}
     if len(devs) > 1:
         raise ValueError(f"{fn}: all tensors must be on one device, got {sorted(map(str, devs))}")
@@ -149,12 +158,12 @@ def normalize_backend(backend, fn: str = "apply_seeds_") -> str | None:
 
 
 def _check_choice(value, allowed, name: str, fn: str):
-    if value not in allowed:
+    if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{fn}: unknown {name} {value!r}; allowed: {', '.join(map(repr, allowed))}")
 
 
 def offsets(tensors: TensorList, start: int = 0) -> list[int]:
-    """Global index of element 0 of each tensor in the flat vector (DESIGN section 3).
+    """Global index of element 0 of each tensor in the flat vector (docs/DESIGN.md, Noise stream).
 
     ``offsets(ts)[k] = start + sum_{j<k} ceil(ts[j].numel() / 128) * 128``: every tensor starts on a
     128-element block, so one Philox call never spans two tensors.
@@ -213,6 +222,8 @@ def _run_reference(ts, seeds, coeffs, bases, decay, dist):
 
 
 def _run_cpu(ts, seeds, coeffs, bases, decay, dist):
+    if cpu_isa_error():
+        raise ValueError(f"apply_seeds_: {cpu_isa_error()}")
     cpu_extension().apply_seeds(ts, seeds.cpu(), coeffs.cpu(), list(bases), float(decay),
                                 DISTS.index(dist))
 
@@ -227,26 +238,60 @@ def _run_cuda(ts, seeds, coeffs, bases, decay, dist):
 
 
 _IMPLS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}
+#: The CPU extension's checked fast entry (see ``apply_seeds_``), or None.
+_FAST = getattr(cpu_extension(), "apply_seeds_fast", None)
 
 
 # --------------------------------------------------------------------------------------------
 # torch.library op: zo_kernels::apply_seeds_ (in place on a list of tensors)
 # --------------------------------------------------------------------------------------------
+def _check_op_args(tensors, seeds, coeffs, bases, decay, dist) -> None:
+    """What the registered op's kernels check before touching anything: the public function's
+    checks, for the op's explicit arguments (seeds int64, coeffs float32, bases)."""
+    fn = "zo_kernels::apply_seeds_"
+    _check_choice(dist, DISTS, "dist", fn)
+    ts = _as_list(tensors, fn)
+    _check_tensors(ts, fn)
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1:
+        raise TypeError(f"{fn}: seeds must be a 1-D int64 tensor (the bit patterns of unsigned "
+                        "64-bit seeds)")
+    if not isinstance(coeffs, torch.Tensor) or coeffs.dtype != torch.float32 or coeffs.dim() != 1:
+        raise TypeError(f"{fn}: coeffs must be a 1-D float32 tensor")
+    if seeds.numel() != coeffs.numel():
+        raise ValueError(f"{fn}: len(seeds) = {seeds.numel()} but len(coeffs) = {coeffs.numel()}; "
+                         "give one coefficient per seed")
+    _coeffs_tensor(coeffs, fn)  # finite
+    if len(bases) != len(ts):
+        raise ValueError(f"{fn}: {len(bases)} bases for {len(ts)} tensors; give one base per tensor")
+    for i, (t, b) in enumerate(zip(ts, bases)):
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or b < 0:
+            raise ValueError(f"{fn}: bases[{i}] must be an int >= 0, got {b!r}")
+        if int(b) + -(-t.numel() // BLOCK) * BLOCK > _I63:
+            raise ValueError(f"{fn}: bases[{i}] + size exceeds 2**63 - 1 global indices")
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not math.isfinite(decay) \
+            or not math.isfinite(float(torch.tensor(float(decay), dtype=torch.float32))):
+        raise ValueError(f"{fn}: decay must be a finite float32 number, got {decay!r}")
+
+
 @torch.library.custom_op("zo_kernels::apply_seeds_", mutates_args=("tensors",))
 def _apply_seeds_op(tensors: list[torch.Tensor], seeds: torch.Tensor, coeffs: torch.Tensor,
                     bases: list[int], decay: float, dist: str) -> None:
     """Default kernel (any device): the reference path."""
+    _check_op_args(tensors, seeds, coeffs, bases, decay, dist)
     _run_reference(tensors, seeds, coeffs, bases, decay, dist)
 
 
 @_apply_seeds_op.register_kernel("cpu")
 def _apply_seeds_cpu(tensors, seeds, coeffs, bases, decay, dist):
+    _check_op_args(tensors, seeds, coeffs, bases, decay, dist)
     _IMPLS[_default_backend(torch.device("cpu"))](tensors, seeds, coeffs, bases, decay, dist)
 
 
 @_apply_seeds_op.register_kernel("cuda")
 def _apply_seeds_cuda(tensors, seeds, coeffs, bases, decay, dist):
-    # seeds/coeffs stay where they are: the GPU backends read CUDA ones on the device (no sync).
+    # seeds/coeffs stay where they are: the GPU backends read CUDA ones on the device (no sync);
+    # the checks read only metadata of device tensors (device coefficients: not their values).
+    _check_op_args(tensors, seeds, coeffs, bases, decay, dist)
     _IMPLS[_default_backend(tensors[0].device)](tensors, seeds, coeffs, bases, decay, dist)
 
 
@@ -256,7 +301,8 @@ def _apply_seeds_fake(tensors, seeds, coeffs, bases, decay, dist):
     torch._check(coeffs.dtype == torch.float32, lambda: "coeffs must be float32")
     torch._check(seeds.numel() == coeffs.numel(), lambda: "len(seeds) != len(coeffs)")
     torch._check(len(bases) == len(tensors), lambda: "one base per tensor")
-    torch._check(dist in DISTS, lambda: f"unknown dist {dist}")
+    torch._check(dist in DISTS, lambda: f"unknown dist {dist!r}; allowed: "
+                 + ", ".join(map(repr, DISTS)))
     for t in tensors:
         torch._check(t.dtype in SUPPORTED_DTYPES, lambda: f"unsupported dtype {t.dtype}")
     return None
@@ -314,7 +360,22 @@ def apply_seeds_(tensors: TensorList, seeds, coeffs, decay: float = 1.0, dist: s
 
     Raises TypeError/ValueError naming the problem, before any tensor changes. Empty lists, empty
     tensors and K = 0 with ``decay == 1`` are no-ops.
+
+    Autograd: like torch's in-place ops, every call that updates the tensors bumps their version
+    counters (a graph that saved one of them then fails in ``backward`` instead of silently using
+    the new values), and with grad mode on a tensor that requires grad is refused (RuntimeError):
+    call it under ``torch.no_grad()`` or on ``p.detach()``.
+
+    CPU tensors run on the C++ backend's fastest path for this CPU (``avx512``, ``avx2`` or
+    ``portable``, all bit-identical); ``ZO_KERNELS_ISA`` forces a lower one.
     """
+    if (_FAST is not None and (backend is None or backend == "auto" or backend == "cpu")
+            and not cpu_isa_error()
+            and _FAST(tensors, seeds, coeffs, decay, dist, offset)):
+        # The C++ fast path checked everything below (list of CPU tensors, Python ints and floats),
+        # ran the CPU backend and bumped the version counters. About 2 us for a few tensors instead
+        # of about 60 us through the general path; anything it does not take comes here unchanged.
+        return None
     fn = "apply_seeds_"
     ts = _as_list(tensors, fn)
     _check_tensors(ts, fn)
@@ -348,6 +409,9 @@ def apply_seeds_(tensors: TensorList, seeds, coeffs, decay: float = 1.0, dist: s
         # opcheck, and dispatches to the same functions.
         _IMPLS[backend or _default_backend(device)](ts_run, seeds_t, coeffs_t, bases_run,
                                                     float(decay), dist)
+    # Like torch's in-place ops (and the registered op, through the dispatcher): a graph that saved
+    # one of these tensors before the update now fails in backward instead of using the new values.
+    torch.autograd.graph.increment_version(ts)
     return None
 
 

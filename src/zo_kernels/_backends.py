@@ -26,6 +26,72 @@ def cpu_extension():
     return _cpu_ext
 
 
+# --------------------------------------------------------------------------------------------
+# CPU path (instruction set) of the C++ backend
+# --------------------------------------------------------------------------------------------
+#: Environment variable forcing the CPU backend's path: ``avx512``, ``avx2`` or ``portable`` (read
+#: at import). A path above what the CPU runs falls back to the highest it runs, with a warning; an
+#: unknown name makes every call on the CPU backend raise ValueError naming the variable.
+ISA_ENV = "ZO_KERNELS_ISA"
+#: Older switch, still honoured when ZO_KERNELS_ISA is unset: any value caps the path at ``avx2``.
+NO_AVX512_ENV = "ZO_KERNELS_NO_AVX512"
+CPU_PATHS = ("avx512", "avx2", "portable")
+
+_isa_error = ""
+
+
+def _init_isa() -> None:
+    global _isa_error
+    if _cpu_ext is None:
+        return
+    raw = os.environ.get(ISA_ENV, "").strip()
+    want, source = raw.lower(), ISA_ENV
+    if not want and os.environ.get(NO_AVX512_ENV) is not None:
+        want, source = "avx2", NO_AVX512_ENV
+    if not want:
+        return
+    if want not in CPU_PATHS:
+        _isa_error = (f"{ISA_ENV}={raw!r} is not a CPU path; allowed: "
+                      f"{', '.join(CPU_PATHS)} (or unset for the best this CPU runs)")
+        return
+    paths = list(_cpu_ext.isa_paths())
+    if want not in paths:
+        warnings.warn(f"zo_kernels: {source} asks for the {want} path, which this CPU does not run; "
+                      f"using {paths[0]}", RuntimeWarning, stacklevel=3)
+        want = paths[0]
+    _cpu_ext.set_isa(want)
+
+
+_init_isa()
+
+
+def cpu_isa_error() -> str:
+    """Why the CPU backend refuses to run (a bad ZO_KERNELS_ISA), or ""."""
+    return _isa_error
+
+
+def cpu_paths() -> list[str]:
+    """CPU paths this machine executes, highest first (``[]`` without the C++ extension)."""
+    return list(_cpu_ext.isa_paths()) if _cpu_ext is not None else []
+
+
+def cpu_path() -> str | None:
+    """Name of the CPU path in use (``avx512``, ``avx2`` or ``portable``), None without the
+    extension."""
+    return _cpu_ext.get_isa() if _cpu_ext is not None else None
+
+
+def set_cpu_path(name: str) -> str:
+    """Select the CPU path for later calls in this process; returns the previous one.
+
+    ValueError for an unknown name or a path this CPU does not run. All paths give the same bits;
+    this exists for tests and benchmarks (and ``ZO_KERNELS_ISA`` for whole processes).
+    """
+    if _cpu_ext is None:
+        raise RuntimeError(f"zo_kernels: no CPU extension to select a path of ({_cpu_error})")
+    return _cpu_ext.set_isa(name)
+
+
 @lru_cache(maxsize=None)
 def cuda_extension():
     """(module or None, reason) for the CUDA C++ extension ``zo_kernels._C_cuda``."""

@@ -1,0 +1,292 @@
+// AVX-512 path of the CPU kernel (F/BW/DQ/VL; the grouped K > 1 loop also needs VBMI and GFNI).
+//
+// Per group of 16 blocks and batch of up to 64 seeds:
+//  1. Philox for every (block, seed) pair, 16 pairs per zmm (lanes over seeds when K >= 16, else over
+//     blocks). The 32x32->64 products use vpmuludq on even and odd lanes, recombined with one
+//     merge-masked vpshufd per word; round keys are precomputed once per seed batch, and the 4
+//     independent 16-seed Philox evaluations of a block run interleaved (one at a time they are
+//     latency-bound). Words go to a small L1-resident buffer, seeds contiguous per (block, word).
+//  2. Bit transpose: per block, the 64 seeds x 128 elements sign matrix becomes, per element, two
+//     32-bit words of seed bits (nibble g = the 4-bit table index of group g): vpermb gathers 8x8 bit
+//     tiles into qwords, gf2p8affineqb transposes each tile, vpermt2b places the bytes in lanes.
+//  3. Sums: per group and 16 elements, vpsrld + vpermps (the 16-entry table is one zmm) + vaddps,
+//     i.e. 3 uops per 64 element-seeds instead of 3 per 16 with a per-seed select.
+// K = 1 float32 (perturb_) has its own memory-bound loop: vpsllvd + vpternlogd put bit j into the
+// sign of -c, and the next 16 blocks' Philox rounds are spread between the current loads and stores.
+#pragma once
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../philox.h"
+#include "grouped_sum.h"
+#include "kernel_common.h"
+
+namespace zo_cpu {
+
+#define ZO_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+
+// Finalize one block: x = x * decay + acc (f32 in registers; other dtypes through a scalar round).
+ZO_AVX512 inline void finalize_block_avx512(void* p, int dt, int64_t eb, const __m512* acc,
+                                            float decay) {
+  if (dt == F32) {
+    float* x = static_cast<float*>(p) + eb;
+    const __m512 d = _mm512_set1_ps(decay);
+    // (Measured here: software prefetch and non-temporal stores both made this slower.)
+    for (int v = 0; v < 8; ++v) {
+      __m512 xv = _mm512_loadu_ps(x + 16 * v);
+      if (decay != 1.0f) xv = _mm512_mul_ps(xv, d);
+      _mm512_storeu_ps(x + 16 * v, _mm512_add_ps(xv, acc[v]));
+    }
+    return;
+  }
+  alignas(64) float a[zo::kBlock];
+  for (int v = 0; v < 8; ++v) _mm512_store_ps(a + 16 * v, acc[v]);
+  for (int i = 0; i < zo::kBlock; ++i) {
+    float xi = load_elem(p, dt, eb + i);
+    if (decay != 1.0f) xi = xi * decay;
+    store_elem(p, dt, eb + i, xi + a[i]);
+  }
+}
+
+// One Philox round on 16 lanes, then the key bump. 32x32->64 products with vpmuludq on even and
+// odd lanes, recombined with blends.
+struct Philox16State {
+  __m512i c0, c1, c2, c3, k0, k1;
+};
+
+// The high and low words of the even-lane (e) and odd-lane (o) 64-bit products, each recombined
+// with one merge-masked vpshufd (even lanes take e's upper words, odd lanes o's lower words).
+ZO_AVX512 inline void mul_hi_lo(__m512i x, __m512i M, __m512i& hi, __m512i& lo) {
+  const __m512i e = _mm512_mul_epu32(x, M), o = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), M);
+  hi = _mm512_mask_shuffle_epi32(o, (__mmask16)0x5555, e, (_MM_PERM_ENUM)0xF5);  // _MM_SHUFFLE(3,3,1,1)
+  lo = _mm512_mask_shuffle_epi32(e, (__mmask16)0xAAAA, o, (_MM_PERM_ENUM)0xA0);  // _MM_SHUFFLE(2,2,0,0)
+}
+
+ZO_AVX512 inline void philox16_round(Philox16State& s) {
+  const __m512i A = _mm512_set1_epi64(zo::kRoundA), B = _mm512_set1_epi64(zo::kRoundB);
+  __m512i hiA, loA, hiB, loB;
+  mul_hi_lo(s.c0, A, hiA, loA);
+  mul_hi_lo(s.c2, B, hiB, loB);
+  s.c0 = _mm512_ternarylogic_epi32(hiB, s.c1, s.k0, 0x96);  // xor of three
+  s.c2 = _mm512_ternarylogic_epi32(hiA, s.c3, s.k1, 0x96);
+  s.c1 = loB;
+  s.c3 = loA;
+  s.k0 = _mm512_add_epi32(s.k0, _mm512_set1_epi32((int)zo::kKeyA));
+  s.k1 = _mm512_add_epi32(s.k1, _mm512_set1_epi32((int)zo::kKeyB));
+}
+
+// M independent Philox4x32-10 evaluations on 16 lanes each, interleaved round by round (they are
+// latency-bound one at a time), with round keys read from rk[m][2 * r + {0, 1}] (precomputed).
+template <int M>
+ZO_AVX512 inline void philox16_multi(__m512i c0, __m512i c1, const __m512i (*rk)[2 * zo::kRounds],
+                                     __m512i (*out)[4]) {
+  const __m512i A = _mm512_set1_epi64(zo::kRoundA), B = _mm512_set1_epi64(zo::kRoundB);
+  __m512i x0[M], x1[M], x2[M], x3[M];
+  for (int m = 0; m < M; ++m) {
+    x0[m] = c0;
+    x1[m] = c1;
+    x2[m] = _mm512_setzero_si512();
+    x3[m] = _mm512_setzero_si512();
+  }
+  for (int r = 0; r < zo::kRounds; ++r) {
+    for (int m = 0; m < M; ++m) {
+      __m512i hiA, loA, hiB, loB;
+      mul_hi_lo(x0[m], A, hiA, loA);
+      mul_hi_lo(x2[m], B, hiB, loB);
+      x0[m] = _mm512_ternarylogic_epi32(hiB, x1[m], rk[m][2 * r], 0x96);
+      x2[m] = _mm512_ternarylogic_epi32(hiA, x3[m], rk[m][2 * r + 1], 0x96);
+      x1[m] = loB;
+      x3[m] = loA;
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    out[m][0] = x0[m];
+    out[m][1] = x1[m];
+    out[m][2] = x2[m];
+    out[m][3] = x3[m];
+  }
+}
+
+// Philox4x32-10 of counters (c0, c1, 0, 0) under keys (k0, k1) on 16 lanes.
+ZO_AVX512 inline void philox16(__m512i c0, __m512i c1, __m512i k0, __m512i k1, __m512i out[4]) {
+  Philox16State s{c0, c1, _mm512_setzero_si512(), _mm512_setzero_si512(), k0, k1};
+  for (int r = 0; r < zo::kRounds; ++r) philox16_round(s);
+  out[0] = s.c0; out[1] = s.c1; out[2] = s.c2; out[3] = s.c3;
+}
+
+// Lanes = 16 consecutive blocks starting at b (64-bit counters split into low and high words).
+ZO_AVX512 inline void block_counters(uint64_t b, __m512i& lo, __m512i& hi) {
+  alignas(64) uint32_t l[16], h[16];
+  for (int i = 0; i < 16; ++i) {
+    l[i] = (uint32_t)((b + (uint64_t)i) & 0xffffffffu);
+    h[i] = (uint32_t)((b + (uint64_t)i) >> 32);
+  }
+  lo = _mm512_load_si512(l);
+  hi = _mm512_load_si512(h);
+}
+
+// K = 1, float32 (perturb_): memory-bound, so the Philox rounds for the next 16 blocks are spread
+// between the current 16 blocks' loads and stores (one round after each of the first 10 blocks)
+// instead of running as a burst during which no memory traffic is issued.
+ZO_AVX512 void rademacher_k1_f32_avx512(float* x, uint64_t block0, int64_t nblocks, uint64_t seed,
+                                        float c, float decay) {
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i sh_lo = _mm512_sub_epi32(_mm512_set1_epi32(31), iota);
+  const __m512i sh_hi = _mm512_sub_epi32(_mm512_set1_epi32(15), iota);
+  const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+  const __m512i nc = _mm512_set1_epi32((int)f2u(-c));
+  const __m512 d = _mm512_set1_ps(decay);
+  const bool zero_c = c == 0.0f;  // then acc = 0 + (±0) must be formed explicitly (signed zeros)
+  const __m512i k0 = _mm512_set1_epi32((int)zo::key_lo(seed));
+  const __m512i k1 = _mm512_set1_epi32((int)zo::key_hi(seed));
+  alignas(64) uint32_t cur[4][16];
+  {
+    __m512i lo, hi, out[4];
+    block_counters(block0, lo, hi);
+    philox16(lo, hi, k0, k1, out);
+    for (int q = 0; q < 4; ++q) _mm512_store_si512(cur[q], out[q]);
+  }
+  for (int64_t g0 = 0; g0 < nblocks; g0 += kGroup) {
+    const int G = (int)std::min<int64_t>(kGroup, nblocks - g0);
+    Philox16State nx;
+    block_counters(block0 + (uint64_t)(g0 + kGroup), nx.c0, nx.c1);
+    nx.c2 = _mm512_setzero_si512();
+    nx.c3 = _mm512_setzero_si512();
+    nx.k0 = k0;
+    nx.k1 = k1;
+    int rounds = 0;
+    for (int g = 0; g < G; ++g) {
+      float* xb = x + (g0 + g) * (int64_t)zo::kBlock;
+      for (int q = 0; q < 4; ++q) {
+        const __m512i w = _mm512_set1_epi32((int)cur[q][g]);
+        __m512 t0 = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_lo), sign, nc, 0x6A));
+        __m512 t1 = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_hi), sign, nc, 0x6A));
+        if (zero_c) {
+          t0 = _mm512_add_ps(_mm512_setzero_ps(), t0);
+          t1 = _mm512_add_ps(_mm512_setzero_ps(), t1);
+        }
+        __m512 x0 = _mm512_loadu_ps(xb + 32 * q), x1 = _mm512_loadu_ps(xb + 32 * q + 16);
+        if (decay != 1.0f) {
+          x0 = _mm512_mul_ps(x0, d);
+          x1 = _mm512_mul_ps(x1, d);
+        }
+        _mm512_storeu_ps(xb + 32 * q, _mm512_add_ps(x0, t0));
+        _mm512_storeu_ps(xb + 32 * q + 16, _mm512_add_ps(x1, t1));
+      }
+      if (rounds < zo::kRounds) {
+        philox16_round(nx);
+        ++rounds;
+      }
+    }
+    for (; rounds < zo::kRounds; ++rounds) philox16_round(nx);
+    _mm512_store_si512(cur[0], nx.c0);
+    _mm512_store_si512(cur[1], nx.c1);
+    _mm512_store_si512(cur[2], nx.c2);
+    _mm512_store_si512(cur[3], nx.c3);
+  }
+}
+
+// AVX-512 fast path (grouped order). Per group of up to 16 blocks and batch of up to 64 seeds:
+// Philox words into wbuf[g][q][k] (seeds contiguous, zero past the batch up to a multiple of 16),
+// then per block the bit transpose and the table sums described at the top of this file.
+ZO_AVX512G void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                         const uint64_t* seeds, const float* tables, int K,
+                                         float decay) {
+  alignas(64) uint32_t wbuf[kGroup][4][kSeedBatch];
+  alignas(64) uint32_t klo[kSeedBatch], khi[kSeedBatch];
+  alignas(64) float accbuf[kGroup][zo::kBlock];
+  alignas(64) __m512i rk[kSeedBatch / 16][2 * zo::kRounds];
+  for (int64_t g0 = 0; g0 < nblocks; g0 += kGroup) {
+    const int G = (int)std::min<int64_t>(kGroup, nblocks - g0);
+    const uint64_t bfirst = block0 + (uint64_t)g0;
+    for (int kb = 0; kb < K || (K == 0 && kb == 0); kb += kSeedBatch) {
+      const int KB = std::min(kSeedBatch, K - kb);
+      const int nv = (KB + 15) / 16;  // 16-seed vectors of words per (block, word)
+      for (int k = 0; k < KB; ++k) {
+        klo[k] = zo::key_lo(seeds[kb + k]);
+        khi[k] = zo::key_hi(seeds[kb + k]);
+      }
+      if (KB >= 16) {
+        // Lanes over seeds; round keys of the batch precomputed (lanes past KB: zero keys, their
+        // words are stored as zeros), shared by every block of the group.
+        for (int v = 0; v < nv; ++v) {
+          const __mmask16 m = (__mmask16)((KB - 16 * v) >= 16 ? 0xffff : ((1u << (KB - 16 * v)) - 1u));
+          __m512i k0 = _mm512_maskz_loadu_epi32(m, klo + 16 * v);
+          __m512i k1 = _mm512_maskz_loadu_epi32(m, khi + 16 * v);
+          for (int r = 0; r < zo::kRounds; ++r) {
+            rk[v][2 * r] = k0;
+            rk[v][2 * r + 1] = k1;
+            k0 = _mm512_add_epi32(k0, _mm512_set1_epi32((int)zo::kKeyA));
+            k1 = _mm512_add_epi32(k1, _mm512_set1_epi32((int)zo::kKeyB));
+          }
+        }
+        for (int g = 0; g < G; ++g) {
+          const uint64_t b = bfirst + (uint64_t)g;
+          const __m512i cb0 = _mm512_set1_epi32((int)(uint32_t)(b & 0xffffffffu));
+          const __m512i cb1 = _mm512_set1_epi32((int)(uint32_t)(b >> 32));
+          __m512i outs[4][4];
+          int v = 0;
+          for (; v + 4 <= nv; v += 4) philox16_multi<4>(cb0, cb1, rk + v, outs + v);
+          for (; v + 2 <= nv; v += 2) philox16_multi<2>(cb0, cb1, rk + v, outs + v);
+          for (; v < nv; ++v) philox16_multi<1>(cb0, cb1, rk + v, outs + v);
+          for (v = 0; v < nv; ++v) {
+            const __mmask16 m = (__mmask16)((KB - 16 * v) >= 16 ? 0xffff : ((1u << (KB - 16 * v)) - 1u));
+            for (int q = 0; q < 4; ++q)
+              _mm512_store_si512(wbuf[g][q] + 16 * v, _mm512_maskz_mov_epi32(m, outs[v][q]));
+          }
+        }
+      } else if (KB > 0) {
+        // Lanes over 16 blocks (counter = bfirst + lane, 64-bit), one seed at a time.
+        alignas(64) uint32_t lo[16], hi[16], o[4][16];
+        for (int l = 0; l < 16; ++l) {
+          const uint64_t b = bfirst + (uint64_t)l;
+          lo[l] = (uint32_t)(b & 0xffffffffu);
+          hi[l] = (uint32_t)(b >> 32);
+        }
+        for (int g = 0; g < G; ++g)
+          for (int q = 0; q < 4; ++q) _mm512_store_si512(wbuf[g][q], _mm512_setzero_si512());
+        const __m512i cl = _mm512_load_si512(lo), ch = _mm512_load_si512(hi);
+        for (int k = 0; k < KB; ++k) {
+          __m512i out[4];
+          philox16(cl, ch, _mm512_set1_epi32((int)klo[k]), _mm512_set1_epi32((int)khi[k]), out);
+          for (int q = 0; q < 4; ++q) _mm512_store_si512(o[q], out[q]);
+          for (int g = 0; g < G; ++g)
+            for (int q = 0; q < 4; ++q) wbuf[g][q][k] = o[q][g];
+        }
+      }
+      const bool first = kb == 0, last = kb + kSeedBatch >= K;
+      const int ngb = (KB + kSumGroup - 1) / kSumGroup;  // groups in this batch
+      const float* Tb = tables + 16 * (kb / kSumGroup);
+      for (int g = 0; g < G; ++g) {
+        // 2. Transpose the block's sign bits into per-element table indices.
+        const uint32_t* const words[4] = {wbuf[g][0], wbuf[g][1], wbuf[g][2], wbuf[g][3]};
+        __m512i idx[8][2];
+        seed_bit_indices(words, nv, idx);
+        // 3. acc = acc + T_g[nibble], groups in order, 8 independent element vectors per step.
+        __m512 acc[8];
+        for (int v = 0; v < 8; ++v)
+          acc[v] = first ? _mm512_setzero_ps() : _mm512_load_ps(accbuf[g] + 16 * v);
+        for (int gi = 0; gi < ngb; ++gi) {
+          const __m512 T = _mm512_loadu_ps(Tb + 16 * gi);
+          const int u = gi >> 3, sh = 4 * (gi & 7);
+          for (int ev = 0; ev < 8; ++ev) {
+            const __m512i ix = _mm512_srli_epi32(idx[ev][u], (unsigned)sh);
+            acc[ev] = _mm512_add_ps(acc[ev], _mm512_permutexvar_ps(ix, T));
+          }
+        }
+        if (last) {
+          finalize_block_avx512(p, dt, (g0 + g) * (int64_t)zo::kBlock, acc, decay);
+        } else {
+          for (int v = 0; v < 8; ++v) _mm512_store_ps(accbuf[g] + 16 * v, acc[v]);
+        }
+      }
+      if (K == 0) break;
+    }
+  }
+}
+}  // namespace zo_cpu
+#endif

@@ -1,0 +1,198 @@
+// Portable path of the CPU kernel: plain C++ written so that compilers vectorize it for whatever the
+// baseline target offers (SSE2 on x86-64, NEON on aarch64). It runs where neither x86 path applies
+// and when ZO_KERNELS_ISA=portable. No intrinsics, no target attributes.
+//
+// Vectorized loops (checked with g++ -O3 -fopt-info-vec on the baseline x86-64 target, see
+// docs/design/cpu_paths.md):
+//  - Philox over 16 blocks of one seed at a time (lanes over blocks; 32x32->64 products);
+//  - the sums, over the 32 elements of one Philox word: each term is computed, not looked up:
+//    T_g = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 is the very expression that defines the table
+//    entry T_g[idx_g] (fp32, left to right), so computing it per element gives the table's bits without
+//    a gather (which no baseline target has). s_k c_k is a select between c_k and -c_k on a bit test;
+//  - the final p = p * decay + acc for float32 and bfloat16 (bfloat16 rounding written on integers).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "../philox.h"
+#include "kernel_common.h"
+
+namespace zo_cpu {
+
+struct BitMasks {
+  uint32_t m[32];
+};
+constexpr BitMasks make_bit_masks() {
+  BitMasks b{};
+  for (int j = 0; j < 32; ++j) b.m[j] = 1u << j;
+  return b;
+}
+alignas(64) inline constexpr BitMasks kBitMasks = make_bit_masks();
+
+// Philox4x32-10 of counters (block0 + l, 0, 0) for l < 16 under one key; out[q][l] = word q.
+inline void philox_blocks16_portable(uint64_t block0, uint64_t seed, uint32_t out[4][16]) {
+  uint32_t c0[16], c1[16], c2[16], c3[16];
+  for (int l = 0; l < 16; ++l) {
+    const uint64_t b = block0 + (uint64_t)l;
+    c0[l] = (uint32_t)(b & 0xffffffffu);
+    c1[l] = (uint32_t)(b >> 32);
+    c2[l] = 0;
+    c3[l] = 0;
+  }
+  uint32_t k0 = zo::key_lo(seed), k1 = zo::key_hi(seed);
+  for (int r = 0; r < zo::kRounds; ++r) {
+#pragma omp simd
+    for (int l = 0; l < 16; ++l) {
+      const uint64_t pb = (uint64_t)zo::kRoundB * (uint64_t)c2[l];
+      const uint64_t pa = (uint64_t)zo::kRoundA * (uint64_t)c0[l];
+      const uint32_t n0 = (uint32_t)(pb >> 32) ^ c1[l] ^ k0;
+      const uint32_t n2 = (uint32_t)(pa >> 32) ^ c3[l] ^ k1;
+      c1[l] = (uint32_t)pb;
+      c3[l] = (uint32_t)pa;
+      c0[l] = n0;
+      c2[l] = n2;
+    }
+    k0 += zo::kKeyA;
+    k1 += zo::kKeyB;
+  }
+  for (int l = 0; l < 16; ++l) {
+    out[0][l] = c0[l];
+    out[1][l] = c1[l];
+    out[2][l] = c2[l];
+    out[3][l] = c3[l];
+  }
+}
+
+// The sum of one group of N seeds for the 32 elements of one Philox word, with w[s] the word of
+// seed s: t_j = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 (first N terms), s_k = +1 when bit j of w[k]
+// is set, then by MODE: 0: a = 0 + t (first group); 1: a = a + t; and into float32 x with the last
+// group: 2: x = x + (0 + t), 3: x = x * decay + (0 + t) (the only group); 4: x = x + (a + t),
+// 5: x = x * decay + (a + t). One loop over j with N selects and adds in its body: it vectorizes on
+// any SIMD width, and the last group writes the tensor without a separate accumulator pass.
+template <int N, int MODE>
+inline void group_terms32(float* __restrict a, float* __restrict x, const uint32_t* w,
+                          const float* c, float decay) {
+  const uint32_t w0 = w[0], w1 = N > 1 ? w[1] : 0u, w2 = N > 2 ? w[2] : 0u, w3 = N > 3 ? w[3] : 0u;
+  const float c0 = c[0], c1 = N > 1 ? c[1] : 0.0f, c2 = N > 2 ? c[2] : 0.0f, c3 = N > 3 ? c[3] : 0.0f;
+  const float n0 = -c0, n1 = -c1, n2 = -c2, n3 = -c3;
+#pragma omp simd
+  for (int j = 0; j < 32; ++j) {
+    const uint32_t m = kBitMasks.m[j];
+    float t = (w0 & m) ? c0 : n0;
+    if (N > 1) t = t + ((w1 & m) ? c1 : n1);
+    if (N > 2) t = t + ((w2 & m) ? c2 : n2);
+    if (N > 3) t = t + ((w3 & m) ? c3 : n3);
+    if (MODE == 0) a[j] = 0.0f + t;
+    if (MODE == 1) a[j] = a[j] + t;
+    if (MODE == 2) x[j] = x[j] + (0.0f + t);
+    if (MODE == 3) x[j] = x[j] * decay + (0.0f + t);
+    if (MODE == 4) x[j] = x[j] + (a[j] + t);
+    if (MODE == 5) x[j] = x[j] * decay + (a[j] + t);
+  }
+}
+
+template <int MODE>
+inline void group_terms32_n(int n, float* __restrict a, float* __restrict x, const uint32_t* w,
+                            const float* c, float decay) {
+  switch (n) {
+    case 1: group_terms32<1, MODE>(a, x, w, c, decay); break;
+    case 2: group_terms32<2, MODE>(a, x, w, c, decay); break;
+    case 3: group_terms32<3, MODE>(a, x, w, c, decay); break;
+    default: group_terms32<4, MODE>(a, x, w, c, decay); break;
+  }
+}
+
+inline uint16_t bf16_round_portable(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;  // round to nearest even (c10's rule)
+  return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0u : (uint16_t)r;
+}
+inline float bf16_load_portable(uint16_t h) {
+  const uint32_t u = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// x[0..n) = x * decay + acc (decay == 1: no multiply), rounded once to dtype dt.
+inline void finalize_portable(void* p, int dt, int64_t e0, const float* __restrict acc, int n,
+                              float decay) {
+  if (dt == F32) {
+    float* __restrict x = static_cast<float*>(p) + e0;
+    if (decay != 1.0f) {
+#pragma omp simd
+      for (int i = 0; i < n; ++i) x[i] = x[i] * decay + acc[i];
+    } else {
+#pragma omp simd
+      for (int i = 0; i < n; ++i) x[i] = x[i] + acc[i];
+    }
+  } else if (dt == BF16) {
+    uint16_t* __restrict x = static_cast<uint16_t*>(p) + e0;
+    if (decay != 1.0f) {
+#pragma omp simd
+      for (int i = 0; i < n; ++i) x[i] = bf16_round_portable(bf16_load_portable(x[i]) * decay + acc[i]);
+    } else {
+#pragma omp simd
+      for (int i = 0; i < n; ++i) x[i] = bf16_round_portable(bf16_load_portable(x[i]) + acc[i]);
+    }
+  } else {
+    for (int i = 0; i < n; ++i) {
+      float xi = load_elem(p, dt, e0 + i);
+      if (decay != 1.0f) xi = xi * decay;
+      store_elem(p, dt, e0 + i, xi + acc[i]);
+    }
+  }
+}
+
+// Full 128-element blocks [block0, block0 + nblocks) of one tensor whose element 0 is block0's
+// first element, at p (dtype dt). Grouped order, terms computed per element (see the top). float32
+// with K <= 64 (one seed batch): the last group writes the tensor (no accumulator pass).
+inline void rademacher_blocks_portable(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                       const uint64_t* seeds, const float* coeffs, int K,
+                                       float decay) {
+  constexpr int G16 = 16;
+  alignas(64) float acc[G16 * zo::kBlock];
+  alignas(64) uint32_t words[kSeedBatch][4][G16];  // [seed][word][block]
+  alignas(64) uint32_t wg[kSumGroup];
+  const bool fused = dt == F32 && K >= 1 && K <= kSeedBatch;
+  const bool dec = decay != 1.0f;
+  for (int64_t g0 = 0; g0 < nblocks; g0 += G16) {
+    const int G = (int)std::min<int64_t>(G16, nblocks - g0);
+    if (!fused)
+      for (int i = 0; i < G * zo::kBlock; ++i) acc[i] = 0.0f;
+    for (int kb = 0; kb < K; kb += kSeedBatch) {
+      const int KB = std::min(kSeedBatch, K - kb);
+      for (int k = 0; k < KB; ++k)
+        philox_blocks16_portable(block0 + (uint64_t)g0, seeds[kb + k], words[k]);
+      for (int g = 0; g < G; ++g) {
+        for (int q = 0; q < 4; ++q) {
+          float* __restrict a = acc + g * zo::kBlock + 32 * q;
+          float* x = fused ? static_cast<float*>(p) + (g0 + g) * (int64_t)zo::kBlock + 32 * q : nullptr;
+          for (int k0 = 0; k0 < KB; k0 += kSumGroup) {  // kSeedBatch % 4 == 0: groups stay whole
+            const int n = std::min(kSumGroup, KB - k0);
+            for (int s = 0; s < n; ++s) wg[s] = words[k0 + s][q][g];
+            const float* c = coeffs + kb + k0;
+            const bool first = kb + k0 == 0, last = fused && k0 + kSumGroup >= KB;
+            if (last && first) {
+              if (dec) group_terms32_n<3>(n, a, x, wg, c, decay);
+              else group_terms32_n<2>(n, a, x, wg, c, decay);
+            } else if (last) {
+              if (dec) group_terms32_n<5>(n, a, x, wg, c, decay);
+              else group_terms32_n<4>(n, a, x, wg, c, decay);
+            } else if (first) {
+              group_terms32_n<0>(n, a, x, wg, c, decay);
+            } else {
+              group_terms32_n<1>(n, a, x, wg, c, decay);
+            }
+          }
+        }
+      }
+    }
+    if (!fused) finalize_portable(p, dt, g0 * zo::kBlock, acc, G * zo::kBlock, decay);
+  }
+}
+
+}  // namespace zo_cpu
