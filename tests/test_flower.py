@@ -172,7 +172,7 @@ from flwr.simulation import run_simulation
 from zowarmup.federated.config import RunConfig, apply_overrides, validate
 from zowarmup.flower.apps import make_client_app, make_server_app
 cfg = validate(apply_overrides(RunConfig(), {FLOWER_RUN!r})); cfg = cfg.for_run(cfg.method, cfg.seed)
-run_simulation(make_server_app(cfg, deadline=60, out={str(tmp_path / 'out')!r}),
+run_simulation(make_server_app(cfg, deadline=600, out={str(tmp_path / 'out')!r}),
                make_client_app(cfg), num_supernodes={N},
                backend_config={{"client_resources": {{"num_cpus": 1}}, "init_args": {{"num_cpus": 2}}}})
 """
@@ -193,8 +193,8 @@ def test_deployment_engine_superlink_and_supernodes_match_embedded(embedded, tmp
     try:
         fed.start()
         out = tmp_path / "out"
-        res = fed.run({"overrides": " ".join(FLOWER_RUN), "deadline": 60.0, "out": str(out),
-                       "discovery-timeout": 60.0}, timeout=900)  # only a hung run fails on time
+        res = fed.run({"overrides": " ".join(FLOWER_RUN), "deadline": 600.0, "out": str(out),
+                       "discovery-timeout": 600.0}, timeout=900)  # only a hung run fails on time
         ls = fed.flwr("list", fed.connection, "--run-id", res["run_id"], "--format", "json")
         status = [r["status"] for r in json.loads(ls.stdout)["runs"]]
         assert status == ["finished:completed"], (res, (fed.workdir / "superlink.log").read_text()[-3000:])
