@@ -60,6 +60,10 @@ def _check_tensors(ts: list[torch.Tensor], fn: str) -> None:
     devs = {t.device for t in ts}
     if len(devs) > 1:
         raise ValueError(f"{fn}: all tensors must be on one device, got {sorted(map(str, devs))}")
+    for i, t in enumerate(ts):  # all on one device here: meta tensors have no values to update
+        if t.device.type == "meta":
+            raise ValueError(f"{fn}: tensors[{i}] is a meta tensor (a shape without values); "
+                             "materialize it first (e.g. module.to_empty(device=...))")
     # Overlapping memory would make the in-place update depend on the processing order.
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
                    for i, t in enumerate(ts) if t.numel() > 0)

@@ -2,10 +2,10 @@
 
 The in-place SPSA step (``ZOOptimizer.estimate``) perturbs the weights by ``+eps c z``, then
 ``-2 eps c z``, then restores with ``+eps c z``. Floating-point addition does not undo itself, so
-about 60% of float32 elements end one rounding step away from where they started (DESIGN section
-5). A client that keeps its own copy of the global model and must stay bit-identical to the
-server's therefore either snapshots its parameters (one extra copy of the model) or uses this
-module.
+about 60% of float32 elements end one rounding step away from where they started (docs/DESIGN.md,
+"The ZO step"). A client that keeps its own copy of the global model and must stay bit-identical
+to the server's therefore either snapshots its parameters (one extra copy of the model) or uses
+this module.
 
 :class:`ScratchPerturbation` registers a forward pre-hook and a forward hook on every module that
 owns parameters. While a perturbation ``(seed, alpha)`` is active, the pre-hook writes each of the
@@ -50,7 +50,7 @@ from torch import nn
 
 import zo_kernels
 
-from .functional import projected_grad
+from .functional import spsa_grads
 
 _ALIGN = 64  # bytes: every slice starts on a cache line (and any dtype's alignment)
 
@@ -216,21 +216,16 @@ def exact_estimate(model: nn.Module, closure: Callable[[], float], seeds: Sequen
     """
     sp = perturbation or ScratchPerturbation(model, dist, backend)
     a = float(eps) * float(scale)
-    grads: list[float] = []
     losses: list[float] = []
     with sp.hooks():
-        for seed in seeds:
-            with sp.perturb(int(seed), +a, pre):
-                lp = float(closure())
-            losses.append(lp)
-            if not math.isfinite(lp):
+        # the SPSA evaluation order of the in-place step: L+ then L- per seed, stop at the first
+        # non-finite loss (docs/DESIGN.md, "Exact mode")
+        for seed, alpha in [(int(s), alpha) for s in seeds for alpha in (+a, -a)]:
+            with sp.perturb(seed, alpha, pre):
+                losses.append(float(closure()))
+            if not math.isfinite(losses[-1]):
                 break
-            with sp.perturb(int(seed), -a, pre):
-                lm = float(closure())
-            losses.append(lm)
-            if not math.isfinite(lm):
-                break
-            grads.append(projected_grad(lp, lm, float(eps)))
+    losses, grads, _ = spsa_grads(losses, float(eps))
     grads += [math.nan] * (len(seeds) - len(grads))
     return grads, losses
 
@@ -263,8 +258,8 @@ def require_exact_supported(model: nn.Module, x: torch.Tensor, dist: str = "rade
     model's train/eval mode is restored. ``backend`` as in the config (``"auto"``: the default)."""
     was = model.training
     try:
-        ok = check_exact_supported(model, x, dist=dist,
-                                   backend=None if backend in (None, "auto") else backend)
+        ok = check_exact_supported(model, x, dist=dist, backend=zo_kernels.normalize_backend(
+            backend, "require_exact_supported"))
     finally:
         model.train(was)
     if not ok:
