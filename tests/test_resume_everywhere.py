@@ -220,8 +220,10 @@ def test_resume_with_another_config_is_refused_and_changes_nothing(digits, tmp_p
 
 
 def test_metrics_inconsistent_with_the_checkpoint_are_refused(digits, tmp_path, monkeypatch):
-    """The checkpoint after round 4 expects 4 metrics lines; a file with 3 complete lines (and a
-    torn one) cannot be the history of that checkpoint: resume refuses and writes nothing."""
+    """The checkpoint after round 4 expects 4 metrics lines and the previous one (after round 2)
+    expects 2; a file with 1 complete line (and a torn one) is the history of neither: resume
+    refuses and writes nothing. (Fewer lines than the newest checkpoint needs but enough for the
+    previous one resumes from the previous one: tests/test_reliability.py.)"""
     cfg = cfg_for()
     run = tmp_path / "run"
     restore = kill_at(monkeypatch, lambda c, r: r == 5)
@@ -230,7 +232,7 @@ def test_metrics_inconsistent_with_the_checkpoint_are_refused(digits, tmp_path, 
     restore()
     text = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
     assert len(text) == 5
-    (run / "metrics.jsonl").write_text("".join(text[:3]) + text[3][:10])
+    (run / "metrics.jsonl").write_text("".join(text[:1]) + text[1][:10])
     before = _snapshot(run)
     with pytest.raises(RuntimeError, match="inconsistent"):
         resume_run(run, dataset=digits)
