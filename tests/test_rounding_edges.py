@@ -20,12 +20,9 @@ payloads: float32 results are compared bit for bit, NaN included; bf16/fp16 resu
 where the reference has one (the contract does not fix the payload of a NaN converted to a half
 type). CUDA runs only where a GPU is present; Triton runs in its CPU interpreter otherwise.
 
-Known and reported, not hidden: main's Triton kernel reads bfloat16 with ``.to(tl.float32)``, which
-the Triton *interpreter* converts wrongly for subnormals (86 * 2**-133 reads as 44 * 2**-133,
--2**-133 as -0.0). In the interpreter the elements with a bf16 subnormal input are therefore checked
-apart: every other element of those cases must still be bit-exact, and if the subnormal ones differ
-the test is marked xfail with the numbers (the GPU-path kernel on branch ``gpu`` reads raw bits and
-passes, after which this is a plain pass).
+Found by this file: the Triton kernel before the GPU-path merge read bfloat16 with
+``.to(tl.float32)``, which the Triton interpreter converts wrongly for subnormals (86 * 2**-133 read
+as 44 * 2**-133, -2**-133 as -0.0); the GPU-path kernel reads raw bits and passes.
 """
 from __future__ import annotations
 
@@ -312,30 +309,5 @@ def test_edges_bit_exact_on_every_backend(backend, restore_cpu_path):
             pytest.skip(f"this CPU does not run the {path} path (it runs "
                         f"{', '.join(_backends.cpu_paths())})")
         _backends.set_cpu_path(path)
-    known = []
     for case in CASES:
-        got, want = _run_case(case, name, dev), expected(case)
-        what = f"{name}[{path}] {case.name}"
-        sub = _bf16_subnormal_inputs(case)
-        if name == "triton" and dev == "cpu" and sub.any():
-            # Known (see the module docstring): compare every other element strictly, and the
-            # subnormal-input elements only to report them.
-            compare(got[~sub], want[~sub], what + " (normal inputs)")
-            try:
-                compare(got[sub], want[sub], what + " (bf16 subnormal inputs)")
-            except AssertionError as e:
-                known.append(str(e))
-            continue
-        compare(got, want, what)
-    if known:
-        pytest.xfail("Triton interpreter: bfloat16 subnormal inputs are read with "
-                     ".to(tl.float32), which the interpreter gets wrong (the GPU-path kernel reads "
-                     "raw bits); " + "; ".join(k[:120] for k in known[:3]))
-
-
-def _bf16_subnormal_inputs(case: Case) -> np.ndarray:
-    """Mask of inputs that are bfloat16 subnormals (all False for other dtypes)."""
-    if case.dtype != torch.bfloat16:
-        return torch.zeros(case.values.size, dtype=torch.bool)
-    a = np.abs(case.values)
-    return torch.from_numpy((a > 0) & (a < float(torch.finfo(torch.bfloat16).smallest_normal)))
+        compare(_run_case(case, name, dev), expected(case), f"{name}[{path}] {case.name}")
