@@ -349,11 +349,10 @@ def test_offsets_function():
     assert zo_kernels.offsets([]) == []
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
 def test_backends_agree_with_each_other(backend):
-    """Direct cross-check against the reference backend (on CPU) on a larger odd tensor list."""
-    if backend == "reference":
-        pytest.skip("reference is the baseline of this comparison")
+    """Direct cross-check against the reference backend (on CPU) on a larger odd tensor list (the
+    reference is the baseline, so it is not a parameter: comparing it with itself tests nothing)."""
     dev = require(backend)
     shapes = SHAPES_TRITON if backend == "triton" else SHAPES + [(50, 77)]
     seeds, coeffs = make_case(7, seed=21)

@@ -258,7 +258,7 @@ def _rank_main(rank: int, world: int, store_path: str, out_dir: str) -> None:
         lo = next((n for _, n in socket.if_nameindex() if n.startswith("lo")), "lo")
         os.environ["GLOO_SOCKET_IFNAME"] = lo  # gloo's sockets on the loopback interface only
         dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank,
-                                world_size=world, timeout=datetime.timedelta(seconds=30))
+                                world_size=world, timeout=datetime.timedelta(seconds=600))  # hung only
         try:
             result = _scenarios(rank)
         finally:

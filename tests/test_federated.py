@@ -395,11 +395,10 @@ def test_sigkill_mid_round_then_resume_gives_the_uninterrupted_metrics(digits, t
     ref.run()
     out = tmp_path / "killed"
     args = [sys.executable, "-m", "zowarmup", "run", "-q", "--out", str(out)] + TINY + over
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), str(REPO / "src"),
-                                                       os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ)  # the installed package: the copy this process tests
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     killed_at = None
-    deadline = time.time() + 120
+    deadline = time.time() + 900  # only a hung run fails on time
     try:
         while time.time() < deadline and proc.poll() is None:
             runs = list(out.glob("*/zowarmup-seed0"))
@@ -420,7 +419,7 @@ def test_sigkill_mid_round_then_resume_gives_the_uninterrupted_metrics(digits, t
     run = exp / "zowarmup-seed0"
     assert not (run / "summary.json").exists()
     res = subprocess.run([sys.executable, "-m", "zowarmup", "run", "-q", "--resume", str(exp)],
-                         env=env, capture_output=True, text=True, timeout=180)
+                         env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-2000:]
     assert (run / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
     assert "resumed" in (run / "run.log").read_text()

@@ -162,26 +162,21 @@ def _assert_same_as_embedded(out: Path, embedded):
 
 
 def test_simulation_engine_matches_embedded(embedded, tmp_path):
-    """Flower's simulation engine (Ray backend) with the ZOWarmUp ServerApp and ClientApp."""
+    """Flower's simulation engine (Ray backend) with the ZOWarmUp ServerApp and ClientApp, run
+    through the documented command line ``python -m zowarmup.flower simulate --supernodes N
+    --overrides ... --out DIR``: exit 0, the final-sync line printed, the run written to DIR."""
     pytest.importorskip("ray", reason="Flower's simulation engine needs flwr[simulation] (ray)")
-    code = f"""
-import os, sys
-os.environ.update(FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-                  RAY_DEDUP_LOGS="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")
-from flwr.simulation import run_simulation
-from zowarmup.federated.config import RunConfig, apply_overrides, validate
-from zowarmup.flower.apps import make_client_app, make_server_app
-cfg = validate(apply_overrides(RunConfig(), {FLOWER_RUN!r})); cfg = cfg.for_run(cfg.method, cfg.seed)
-run_simulation(make_server_app(cfg, deadline=60, out={str(tmp_path / 'out')!r}),
-               make_client_app(cfg), num_supernodes={N},
-               backend_config={{"client_resources": {{"num_cpus": 1}}, "init_args": {{"num_cpus": 2}}}})
-"""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "python"), str(REPO / "src"),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+    env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
+               RAY_DEDUP_LOGS="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")  # the installed package
+    res = subprocess.run([sys.executable, "-m", "zowarmup.flower", "simulate", "--supernodes",
+                          str(N), "--overrides", " ".join(FLOWER_RUN), "--out",
+                          str(tmp_path / "out"), "--deadline", "600"],
+                         capture_output=True, text=True, env=env,
                          timeout=900)  # only a hung run fails on time; speed is a benchmark's job
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     assert (tmp_path / "out" / "summary.json").exists(), res.stderr[-3000:]
+    printed = json.loads(res.stdout.strip().splitlines()[-1])
+    assert printed["in_sync"] == list(range(N)) and not printed["mismatch"], printed
     _assert_same_as_embedded(tmp_path / "out", embedded)
 
 
@@ -190,12 +185,12 @@ def test_deployment_engine_superlink_and_supernodes_match_embedded(embedded, tmp
     ZOWarmUp app, `flwr list --format json` says finished:completed, the result is the embedded
     runner's bit for bit, and every process started here is gone afterwards."""
     from zowarmup.flower.local import LocalFederation
-    fed = LocalFederation(N, tmp_path / "fed", pythonpath=[REPO / "python", REPO / "src"])
+    fed = LocalFederation(N, tmp_path / "fed")
     try:
         fed.start()
         out = tmp_path / "out"
-        res = fed.run({"overrides": " ".join(FLOWER_RUN), "deadline": 60.0, "out": str(out),
-                       "discovery-timeout": 60.0}, timeout=150)
+        res = fed.run({"overrides": " ".join(FLOWER_RUN), "deadline": 600.0, "out": str(out),
+                       "discovery-timeout": 600.0}, timeout=900)  # only a hung run fails on time
         ls = fed.flwr("list", fed.connection, "--run-id", res["run_id"], "--format", "json")
         status = [r["status"] for r in json.loads(ls.stdout)["runs"]]
         assert status == ["finished:completed"], (res, (fed.workdir / "superlink.log").read_text()[-3000:])

@@ -280,10 +280,10 @@ def test_second_resume_on_a_folder_in_use_is_refused(run_copy, capsys):
 
 
 def test_lock_is_held_across_processes(tmp_path):
-    code = ("import sys, time; sys.path[:0] = [%r, %r]\n"
+    code = ("import sys, time\n"  # the installed package: the copy this process tests
             "from zowarmup._safeio import run_lock\n"
             "l = run_lock(%r); print('locked', flush=True); sys.stdin.read()\n"
-            % (str(REPO / "python"), str(REPO / "src"), str(tmp_path)))
+            % (str(tmp_path),))
     p = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
     try:
@@ -553,14 +553,12 @@ def test_flower_local_command_ends_like_zowarmup_run(tmp_path):
     """The README's one-command deployment (SuperLink + 3 SuperNodes; about a minute)."""
     pytest.importorskip("flwr", reason="Flower is an extra: pip install '.[flower]'")
     env = dict(os.environ, FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1",
-               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-               PYTHONPATH=os.pathsep.join([str(REPO / "python"), str(REPO / "src"),
-                                           os.environ.get("PYTHONPATH", "")]))
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1")  # the installed package
     res = subprocess.run([sys.executable, "-m", "zowarmup.flower", "local", "--supernodes", "3",
                           "--overrides", "data.hi_fraction=0.34 rounds=2 pivot=1 "
                           "model.options.hidden=[16] zo.num_seeds=2 measure_memory=false",
-                          "--deadline", "60", "--timeout", "240"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+                          "--deadline", "600", "--timeout", "1200"],  # only a hung run fails on time
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1500)
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
     last = res.stdout.strip().splitlines()[-1]
     (run_dir,) = (tmp_path / "runs").glob("flower-*")

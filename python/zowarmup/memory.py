@@ -73,7 +73,12 @@ def measure_peak(fn: Callable[[], object], device: torch.device | str = "cpu") -
 
     Tensors that exist before the call (weights, data) are not included: add them separately.
     CUDA: ``max_memory_allocated`` minus the allocation at entry. CPU: the dispatch-mode tracker
-    described in the module docstring (requires ``StorageWeakRef``; returns -1 if unavailable).
+    described in the module docstring.
+
+    Raises:
+        RuntimeError: when it cannot measure (no ``StorageWeakRef`` in this torch for the CPU
+            tracker, or a device type other than ``cpu`` and ``cuda``); there is no sentinel
+            value, so a caller never mistakes "not measured" for a number.
     """
     device = torch.device(device)
     if device.type == "cuda":
@@ -83,8 +88,14 @@ def measure_peak(fn: Callable[[], object], device: torch.device | str = "cpu") -
         fn()
         torch.cuda.synchronize(device)
         return int(torch.cuda.max_memory_allocated(device) - base)
+    if device.type != "cpu":
+        raise RuntimeError(f"measure_peak: cannot measure on device type {device.type!r} "
+                           "(cpu and cuda only)")
     if StorageWeakRef is None:
-        return -1
+        raise RuntimeError("measure_peak: this torch has no StorageWeakRef "
+                           "(torch.multiprocessing.reductions), so the CPU tracker cannot tell "
+                           "freed storages from live ones; set measure_memory=false to skip "
+                           "the measured memory report")
     mode = _LiveBytes()
     with mode:
         fn()

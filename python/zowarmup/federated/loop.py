@@ -156,10 +156,10 @@ class Runner:
         for name, fn in (("inference", infer), ("zo_step", zo_step), ("backprop_step", bp_step)):
             peak = memory.measure_peak(fn, self.device)
             measured[name] = {"weights": weights, "peak_transient": peak,
-                              "total_bytes": weights + peak if peak >= 0 else None}
+                              "total_bytes": weights + peak}
         inf = measured["inference"]["total_bytes"]
         for v in measured.values():
-            v["vs_inference"] = (v["total_bytes"] / inf) if inf and v["total_bytes"] else None
+            v["vs_inference"] = v["total_bytes"] / inf
         return {"formula": formula, "measured": measured,
                 "measured_how": ("torch.cuda.max_memory_allocated" if self.device.type == "cuda"
                                  else "TorchDispatchMode live-storage tracker (CPU)")}

@@ -111,12 +111,19 @@ def copy_state_(dst: nn.Module, src: nn.Module) -> None:
 
 
 def states_equal(a: nn.Module, b: nn.Module) -> bool:
-    """True when every state tensor of ``a`` equals ``b``'s bit for bit."""
-    for (n1, x), (n2, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        if n1 != n2 or x.shape != y.shape or x.dtype != y.dtype:
+    """True when ``a`` and ``b`` have the same state: the same ``state_dict`` keys in the same
+    order, and for each key the same dtype, shape and bits (raw bytes, so ``-0.0 != 0.0`` and two
+    NaNs are equal only with the same payload). Devices may differ."""
+    sa, sb = a.state_dict(), b.state_dict()
+    if list(sa) != list(sb):
+        return False
+    for name, x in sa.items():
+        y = sb[name]
+        if x.dtype != y.dtype or x.shape != y.shape:
             return False
-        if not torch.equal(x.view(-1).view(torch.uint8) if x.is_floating_point() else x,
-                           y.view(-1).view(torch.uint8) if y.is_floating_point() else y):
+        x, y = x.detach().cpu().contiguous(), y.detach().cpu().contiguous()
+        if x.numel() and not torch.equal(x.reshape(-1).view(torch.uint8),
+                                         y.reshape(-1).view(torch.uint8)):
             return False
     return True
 
