@@ -15,7 +15,8 @@ Three parts (``--parts``):
   (``ZOOptimizer.step``, S = 1, in place), ``zo_exact`` (``ZOOptimizer(exact=True).step``: perturbed
   weights made chunk by chunk inside the forward), ``mezo`` (the MeZO-style step: per-parameter
   ``torch.normal`` noise, ``mem_optimizer.mezo_step``), ``adamw`` (forward, ``backward``,
-  ``torch.optim.AdamW.step``). **Target: ZO / inference <= 1.02** (in place and exact).
+  ``torch.optim.AdamW.step``). **Target: ZO / inference <= 1.02** (in place and exact). The
+  children run with glibc's mmap threshold at 128 KiB, so RSS follows the live tensors.
 - ``time``: medians over interleaved repeats of the 2S plain forwards, the ZO step (in place and
   exact) and the MeZO-style step. **Target: overhead = step / 2S forwards - 1 <= 10 %.**
 - ``drift``: bfloat16 weights, 100 calls of ``ZOOptimizer.estimate`` (no update) in place and in
@@ -46,6 +47,9 @@ from _common import RSS_SNIPPET, peak_rss_subprocess, write_rows  # noqa: E402
 from mem_optimizer import MODELS_SRC  # noqa: E402  (mezo_step: the MeZO-style reference step)
 
 TARGET_MEMORY = 1.02
+# glibc returns every block above 128 KiB to the system when freed, so RSS follows the live tensors
+# (as in mem_exact.py)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 TARGET_OVERHEAD = 0.10
 
 #: Model builder, executed in the children and in this process.
@@ -133,17 +137,30 @@ def _cpu_isa():
 
 
 # -- memory ---------------------------------------------------------------------------------------
+def _methods(args):
+    return [m for m in METHODS if args.methods is None or m[0] in args.methods.split(",")]
+
+
+def _earlier(name: str) -> dict:
+    """(dtype, method) -> row of the results file already written (for --methods subsets)."""
+    from _common import read_rows
+    return {(r["config"]["dtype"], r["config"]["method"]): r for r in read_rows(name)}
+
+
 def memory_cpu(dtype: str, args) -> list[dict]:
     res = {}
-    for method, label in METHODS:
+    for method, label in _methods(args):
         cfg = {"dtype": dtype, "method": method, "batch": args.batch, "seq": args.seq,
                "tiny": args.tiny}
         res[method] = peak_rss_subprocess(CHILD.replace("CFG_JSON", repr(json.dumps(cfg))),
-                                          timeout=3600)
+                                          env=MALLOC_ENV, timeout=3600)
         r = res[method]
-        print(f"  {dtype:8s} {label:34s} peak {r['peak_kb'] / 1024:8.1f} MiB  "
-              f"x inference {r['peak_kb'] / res['inference']['peak_kb']:.3f}  "
+        print(f"  {dtype:8s} {label:34s} peak {r['peak_kb'] / 1024:8.1f} MiB "
               f"({r['seconds']:.1f} s)", flush=True)
+    if "inference" not in res:  # a --methods subset: the inference peak of the earlier run
+        old = _earlier("transformer_memory")[(dtype, "inference")]
+        res["inference"] = {"peak_kb": old["figures"]["peak_mib"] * 1024, "seconds": None,
+                            "n_params": old["config"]["n_params"]}
     return _memory_rows(res, dtype, args, "peak RSS (fresh process per method)", "peak_kb", 1024)
 
 
@@ -195,6 +212,8 @@ def memory_cuda(dtype: str, args) -> list[dict]:
 def _memory_rows(res, dtype, args, measure, key, unit) -> list[dict]:
     rows = []
     for method, label in METHODS:
+        if method not in res:
+            continue
         r = res[method]
         ratio = r[key] / res["inference"][key]
         fig = {"peak_mib": r[key] / unit, "ratio_to_inference": ratio, "seconds": r["seconds"]}
@@ -313,6 +332,9 @@ def main(argv=None) -> int:
     ap.add_argument("--drift-calls", type=int, default=100)
     ap.add_argument("--drift-tokens", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--methods", default=None,
+                    help="memory part: a subset of " + ",".join(m for m, _ in METHODS)
+                         + " (rows of the other methods are kept from the results file)")
     ap.add_argument("--tiny", action="store_true", help="a 2-layer toy config: smoke test")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
@@ -342,6 +364,15 @@ def main(argv=None) -> int:
             for r in rows:
                 r["command"] = command
                 r["config"]["cpu_isa"] = _cpu_isa()
+            if name == "transformer_memory" and args.methods is not None:
+                keep = _earlier(name + suffix)
+                new = {(r["config"]["dtype"], r["config"]["method"]) for r in rows}
+                order = [m for m, _ in METHODS]
+                rows = sorted([r for k, r in keep.items() if k not in new] + rows,
+                              key=lambda r: (r["config"]["dtype"],
+                                             order.index(r["config"]["method"])))
+                rows = [{k: v for k, v in r.items() if k not in ("benchmark", "date", "machine")}
+                        for r in rows]
             print("wrote", write_rows(name + suffix, rows))
     return 0
 

@@ -20,7 +20,7 @@ config, the machine) and ``examples/results/lm_zo_continue.png`` (mean(std) over
 
 Usage::
 
-    python examples/lm_zo_continue.py                 # the committed run (3 seeds; ~20 min on 2 cores)
+    python examples/lm_zo_continue.py                 # the committed run (3 seeds; ~30 min on a shared 2-core machine)
     python examples/lm_zo_continue.py --quick         # a smoke run (seconds)
 
 A user fine-tuning a checkpoint they already have passes it as usual instead of a config:
@@ -193,6 +193,24 @@ def plot(runs: list[dict], path: Path, pivot: int) -> None:
     plt.close(fig)
 
 
+def write_table_rows(result: dict, args) -> None:
+    """The summary as rows of ``benchmarks/results/lm_zo_continue.json`` (README table)."""
+    sys.path.insert(0, str(HERE.parent / "benchmarks"))
+    from _common import write_rows
+    s = result["summary"]
+    piv = f"{s['pivot_ppl']['mean']:.3f} ({s['pivot_ppl']['std']:.3f})"
+    labels = {"zo": "ZO only (ZOOptimizer, no backward)", "backprop": "backprop (AdamW)",
+              "stop": "stop at the pivot"}
+    rows = [{"command": result["command"],
+             "config": {"label": labels[arm], "steps": args.steps, "n_params": result["n_params"],
+                        "warmup_steps": args.warmup_steps},
+             "figures": {"pivot_ppl": piv, "n_seeds": len(args.seeds),
+                         "final_ppl": f"{s[f'final_ppl_{arm}']['mean']:.3f} "
+                                      f"({s[f'final_ppl_{arm}']['std']:.3f})"}}
+            for arm in ("zo", "backprop", "stop")]
+    print("wrote", write_rows("lm_zo_continue", rows))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -200,7 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--train-mb", type=float, default=2.0, help="MB of the training stream used")
     ap.add_argument("--val-windows", type=int, default=64)
     ap.add_argument("--eval-bs", type=int, default=64)
@@ -208,13 +226,21 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=600, help="steps after the pivot, per arm")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--bp-lr", type=float, default=3e-3)
-    ap.add_argument("--zo-lr", type=float, default=2e-4)
+    ap.add_argument("--zo-lr", type=float, default=1e-3)
     ap.add_argument("--zo-eps", type=float, default=1e-3)
     ap.add_argument("--zo-samples", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1: a shared machine)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny model, few steps")
+    ap.add_argument("--no-table", action="store_true",
+                    help="do not write benchmarks/results/lm_zo_continue.json")
     ap.add_argument("--out", default=str(HERE / "results" / "lm_zo_continue"))
+    ap.add_argument("--rows-from", metavar="JSON",
+                    help="only write the README table rows from an earlier run's results file")
     args = ap.parse_args(argv)
+    if args.rows_from:
+        result = json.loads(Path(args.rows_from).read_text())
+        write_table_rows(result, argparse.Namespace(**result["config"]))
+        return 0
     if args.quick:
         args.seeds, args.hidden, args.layers, args.warmup_steps, args.steps = [0], 32, 1, 6, 6
         args.eval_every, args.val_windows = 3, 8
@@ -251,6 +277,8 @@ def main(argv=None) -> int:
                     "cpu_isa": ext.cpu_isa() if ext is not None else None},
     }
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    if not args.quick and not args.no_table:
+        write_table_rows(result, args)
     plot(runs, out.with_suffix(".png"), args.warmup_steps)
     f = summary
     print(f"{runs[0]['n_params']:,} weights; perplexity at the pivot {f['pivot_ppl']['mean']:.3f}; "
