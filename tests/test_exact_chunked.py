@@ -139,3 +139,105 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="alphas"):
         with cp.perturb(1, [0.1, 0.2]):
             pass
+
+
+# ------------------------------------------------------------------------------------------------
+# ZOOptimizer(exact=True)
+# ------------------------------------------------------------------------------------------------
+from zowarmup import memory as accounting  # noqa: E402
+from zowarmup.optim import ZOOptimizer  # noqa: E402
+from zowarmup.seeds import sample_seeds  # noqa: E402
+
+
+def _net(dtype=torch.float32):
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Embedding(30, 16), nn.Flatten(), nn.Linear(48, 40), nn.Tanh(),
+                         nn.LayerNorm(40), nn.Linear(40, 5)).to(dtype)
+
+
+def _reference_exact_steps(model, x, y, steps, lr, eps, scale, S, seed):
+    """Independent reference: perturbed copies from the numpy Philox (fl(w +- eps c z) in float32,
+    then the parameter dtype), losses, g, and the update w + sum_s coeff_s z_s with the fp32
+    sequential sum of the kernel's contract for S <= 4 (no decay)."""
+    model = copy.deepcopy(model)
+    ps = list(model.parameters())
+    offs = zo_kernels.offsets(ps)
+    a32 = float(np.float32(eps * scale))
+    for t in range(steps):
+        seeds = sample_seeds(seed, t, S)
+        grads = []
+        for s in seeds:
+            vals = []
+            for sign in (1.0, -1.0):
+                m = copy.deepcopy(model)
+                with torch.no_grad():
+                    for p, q, o in zip(m.parameters(), ps, offs):
+                        p.copy_(perturbed_np(q, s, sign * a32, o))
+                    vals.append(float(F.cross_entropy(m(x).float(), y)))
+            grads.append((vals[0] - vals[1]) / (2 * eps))
+        coeffs = [np.float32(-lr * scale * g / S) for g in grads]
+        with torch.no_grad():
+            for p, o in zip(ps, offs):
+                acc = np.zeros(p.numel(), np.float32)
+                for s, c in zip(seeds, coeffs):
+                    acc = (acc + c * ref.rademacher(s, p.numel(), o).astype(np.float32)
+                           ).astype(np.float32)
+                w = p.detach().float().reshape(-1).numpy()
+                p.copy_(torch.from_numpy((w + acc).astype(np.float32)).to(p.dtype)
+                        .reshape(p.shape))
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exact_step_equals_the_independent_reference_bit_for_bit(dtype):
+    model = _net(dtype)
+    x, y = torch.randint(0, 30, (8, 3)), torch.randint(0, 5, (8,))
+    want = _reference_exact_steps(model, x, y, 3, 0.05, 1e-2, 1.0, 3, 11)
+    opt = ZOOptimizer(model.parameters(), lr=0.05, eps=1e-2, scale=1.0, num_samples=3, seed=11,
+                      exact=True)
+    for _ in range(3):
+        opt.step(lambda: F.cross_entropy(model(x).float(), y))
+    for p, q in zip(model.parameters(), want.parameters()):
+        assert torch.equal(p, q)
+    assert not torch.equal(next(model.parameters()), next(_net(dtype).parameters()))
+
+
+def test_exact_bf16_estimates_leave_weights_bit_identical_while_in_place_drifts():
+    x, y = torch.randint(0, 30, (8, 3)), torch.randint(0, 5, (8,))
+    drift = {}
+    for exact in (False, True):
+        model = _net(torch.bfloat16)
+        w0 = [p.detach().clone() for p in model.parameters()]
+        opt = ZOOptimizer(model.parameters(), lr=0.0, eps=1e-3, num_samples=2, exact=exact)
+        for t in range(20):
+            opt.estimate(lambda: F.cross_entropy(model(x).float(), y), seeds=opt.sample_seeds(t))
+        opt.step(lambda: F.cross_entropy(model(x).float(), y))  # lr = 0: a step changes nothing
+        drift[exact] = max(float((p.float() - q.float()).abs().max())
+                           for p, q in zip(model.parameters(), w0))
+    assert drift[True] == 0.0 and drift[False] > 0.0
+
+
+def test_exact_step_extra_memory_is_bounded_by_the_chunk_not_the_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 2048), nn.ReLU(), nn.Linear(2048, 8))  # 2 MiB layer
+    x, y = torch.randn(16, 256), torch.randint(0, 8, (16,))
+    chunk = 64 << 10
+    opt = ZOOptimizer(model.parameters(), lr=1e-3, exact=True, exact_chunk_bytes=chunk)
+
+    def loss():
+        return F.cross_entropy(model(x), y)
+    infer = accounting.measure_peak(lambda: float(loss()))
+    step = accounting.measure_peak(lambda: opt.step(loss))
+    if infer < 0:
+        pytest.skip("this torch has no StorageWeakRef: the CPU peak tracker is unavailable")
+    layer = 2048 * 256 * 4
+    assert step - infer <= 2 * chunk + 2048 * 4 + 4096, (infer, step)  # chunk, its output, bias
+    assert step - infer < layer / 4
+
+
+def test_exact_argument_checks():
+    m = _net()
+    with pytest.raises(ValueError, match="exact"):
+        ZOOptimizer(m.parameters(), exact=1)
+    with pytest.raises(ValueError, match="exact_chunk_bytes"):
+        ZOOptimizer(m.parameters(), exact=True, exact_chunk_bytes=0)
