@@ -376,7 +376,10 @@ def _transformer_formatters() -> dict:
     def mem_notes(rows):
         return ["One step of each method against one inference forward of the same model and batch "
                 "(8 x 128 tokens, `labels=input_ids`: the loss and its logits included). CPU: peak "
-                "RSS in a fresh process per method; GPU: `torch.cuda.max_memory_allocated`. "
+                "RSS in a fresh process per method (`peak MiB`), and the peak of the weights plus "
+                "every tensor an op created that is alive at once (`tensors`, "
+                "`zowarmup.memory.measure_peak`: no allocator or runtime noise); GPU: "
+                "`torch.cuda.max_memory_allocated`. "
                 "`exact` makes the perturbed weights inside the forward, in chunks of at most 4 "
                 "MiB (Linear/Embedding rows), never writing the stored ones."]
 
@@ -397,7 +400,10 @@ def _transformer_formatters() -> dict:
     mem = column_table([
         Col("dtype", "config.dtype"), Col("method", "config.label"),
         Col("params", "config.n_params"), Col("peak MiB", "figures.peak_mib", "{:.1f}"),
-        Col("x inference", "figures.ratio_to_inference", "{:.3f}"), TARGET, RESULT],
+        Col("x inference", "figures.ratio_to_inference", "{:.3f}"),
+        Col("tensors MiB", "figures.tensor_peak_mib", "{:.1f}"),
+        Col("tensors x inference", "figures.tensor_ratio_to_inference", "{:.3f}"),
+        TARGET, RESULT],
         notes=mem_notes)
     step = column_table([
         Col("dtype", "config.dtype"), Col("step", "config.label"), Col("S", "config.num_samples"),

@@ -36,6 +36,7 @@ perturbation applies to torch calls made on the thread that entered :meth:`pertu
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Sequence
 
@@ -312,24 +313,21 @@ _CHUNKED = {F.linear: _linear, F.embedding: _embedding, F.conv1d: _conv(F.conv1d
             F.conv2d: _conv(F.conv2d), F.conv3d: _conv(F.conv3d)}
 
 
-def exact_values(perturbed, evaluate, seeds, process_group=None, device=None) -> list[float]:
+def exact_values(perturbed, evaluate, seeds, reduce=None) -> list[float]:
     """The SPSA losses ``L+_0, L-_0, L+_1, ...`` in exact mode (``ZOOptimizer(exact=True)``).
 
     ``perturbed(seed, sign)`` is a context in which forwards read ``w + sign * eps_c * z(seed)``;
-    ``evaluate()`` calls the closure and returns ``(loss, n)``. One process: stops at the first
-    non-finite loss. With a data-parallel ``process_group`` every rank evaluates all 2S and the
-    losses are all-reduced (:func:`.distributed.all_reduce_losses`), as in the in-place mode.
+    ``evaluate()`` calls the closure and returns ``(loss, n)``. Without ``reduce`` (one process)
+    it stops at the first non-finite loss. With ``reduce(evals, seeds)`` (the data-parallel
+    all-reduce) every rank evaluates all 2S and gets the reduced losses, as in the in-place mode.
     """
-    import math
     evals: list = []
     for seed in seeds:
         for sign in (1.0, -1.0):
             with perturbed(int(seed), sign):
                 evals.append(evaluate())
-            if process_group is None and not math.isfinite(evals[-1][0]):
+            if reduce is None and not math.isfinite(evals[-1][0]):
                 return [v for v, _ in evals]
-    if process_group is None:
+    if reduce is None:
         return [v for v, _ in evals]
-    from .distributed import all_reduce_losses, reduce_device
-    return all_reduce_losses(evals, seeds, process_group,
-                             reduce_device(process_group, device or torch.device("cpu")))
+    return reduce(evals, list(seeds))

@@ -21,6 +21,8 @@ from torch.nn.modules.batchnorm import _NormBase
 
 import zo_kernels
 
+from . import parallel as _parallel
+from .exact_chunked import DEFAULT_CHUNK_BYTES, ChunkedPerturbation, exact_values
 from .functional import decay_factor, projected_grad, update_coeffs
 from ..seeds import SEED_SCHEME_VERSION, sample_seeds
 
@@ -380,8 +382,24 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, num_samples: int = 1,
                  dist: str = "rademacher", scale: float = 0.75, weight_decay: float = 0.0,
                  seed: int = 0, backend: str | None = None, *, max_skips: int | None = None,
-                 process_group=None):
+                 process_group=None, exact: bool = False,
+                 exact_chunk_bytes: int = DEFAULT_CHUNK_BYTES, parallel: str = "data",
+                 data_group=None):
         _check_hypers(lr, eps, scale, weight_decay)
+        if not isinstance(exact, bool):
+            raise ValueError(f"Invalid exact = {exact!r}: must be True or False")
+        if isinstance(exact_chunk_bytes, bool) or not isinstance(exact_chunk_bytes, int) \
+                or exact_chunk_bytes < 1:
+            raise ValueError(f"Invalid exact_chunk_bytes = {exact_chunk_bytes!r}: must be an int "
+                             ">= 1")
+        #: Exact mode: perturbed forwards read w + eps*c*z made on the fly (optim/exact_chunked.py);
+        #: the stored weights change only by the update.
+        self.exact = exact
+        self.exact_chunk_bytes = exact_chunk_bytes
+        #: "data" (ranks hold shards of the batch) or "samples" (ranks share the S directions).
+        self.parallel = _parallel.check_parallel(parallel, process_group, data_group)
+        #: With parallel="samples": the ranks holding the other shards for the same directions.
+        self.data_group = _check_process_group(data_group)
         self.num_samples = _check_num_samples(num_samples)
         self.dist = _check_dist(dist)
         self.backend = _check_backend(backend)
@@ -407,7 +425,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state.update(num_samples=self.num_samples, dist=self.dist, backend=self.backend,
-                     max_skips=self.max_skips, zo_state=self.zo_state)
+                     max_skips=self.max_skips, zo_state=self.zo_state, exact=self.exact,
+                     exact_chunk_bytes=self.exact_chunk_bytes)
         return state
 
     def __setstate__(self, state):
@@ -418,6 +437,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("max_skips", None)
         self.__dict__.setdefault("process_group", None)  # never pickled: a process-local handle
+        self.__dict__.setdefault("data_group", None)
+        self.__dict__.setdefault("exact", False)
+        self.__dict__.setdefault("exact_chunk_bytes", DEFAULT_CHUNK_BYTES)
+        self.__dict__["parallel"] = "data"  # a copy without its process group is one process
         self.__dict__.setdefault("zo_state", {"step": 0, "seed": 0})
         self.zo_state.setdefault("skipped_steps", 0)
         self.zo_state.setdefault("consecutive_skips", 0)
@@ -605,15 +628,15 @@ class ZOOptimizer(torch.optim.Optimizer):
             out = closure()
         return _closure_value(out)
 
-    def _reduce_device(self) -> torch.device:
+    def _reduce_device(self, group=None) -> torch.device:
         """Where the loss buffer of the all-reduce lives: the CPU when the group's backend takes
         CPU tensors (gloo, mpi), else the parameters' device (nccl takes CUDA tensors only)."""
-        backend = str(tdist.get_backend(self.process_group)).lower()
+        backend = str(tdist.get_backend(group or self.process_group)).lower()
         if "gloo" in backend or "mpi" in backend:
             return torch.device("cpu")
         return next(iter(self._params()), torch.empty(0)).device
 
-    def _all_reduce_losses(self, evals: list, seeds: list[int]) -> list[float]:
+    def _all_reduce_losses(self, evals: list, seeds: list[int], group=None) -> list[float]:
         """The global losses of this step's evaluations: one all-reduce of ``len(evals) + 4``
         float64 scalars over the process group.
 
@@ -633,12 +656,13 @@ class ZOOptimizer(torch.optim.Optimizer):
         fp = _seeds_fingerprint(seeds)
         buf = [w * loss if w != 0.0 else 0.0 for loss, _ in evals]
         buf += [w, float(n is not None), float(fp), float(fp * fp)]
-        t = torch.tensor(buf, dtype=torch.float64, device=self._reduce_device())
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM, group=self.process_group)
+        group = group or self.process_group
+        t = torch.tensor(buf, dtype=torch.float64, device=self._reduce_device(group))
+        tdist.all_reduce(t, op=tdist.ReduceOp.SUM, group=group)
         vals = t.tolist()
         k = len(evals)
         total, counted, fp_sum, fp_sq = vals[k:]
-        world = tdist.get_world_size(self.process_group)
+        world = tdist.get_world_size(group)
         # all fingerprints equal <=> world * sum(f^2) == sum(f)^2 (Cauchy-Schwarz); the sums are
         # integers below 2**53, so exact in float64
         if world * (1 << 32) < (1 << 53) and world * int(fp_sq) != int(fp_sum) ** 2:
@@ -668,6 +692,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         evaluates all 2S (no early stop at a local non-finite loss), so that all ranks make the
         same weight passes and stay bit-identical.
         """
+        if self.exact or self.parallel == "samples":
+            return self._spsa_modes(closure, seeds, keep_last)
         eps_ref = self._eps_ref()
         local = self.process_group is None
         evals: list = []  # (loss, n) per closure call, in call order
@@ -705,6 +731,61 @@ class ZOOptimizer(torch.optim.Optimizer):
                 grads.append(projected_grad(values[i - 1], v, eps_ref))
         if disp is not None and (not ok or not keep_last):
             self._undo(*disp)
+        return losses, grads, ok
+
+    def _spsa_modes(self, closure, seeds: list[int], keep_last: bool):
+        """:meth:`_spsa` in exact mode and/or with perturbation-parallel ranks (same returns).
+
+        Exact: forwards read ``w +- eps_k c_k z`` made on the fly, nothing is displaced (the
+        final pass then has no restore: see :meth:`step`). Samples-parallel in place: every rank
+        makes all the passes, the closure runs at its own directions only (optim/parallel.py).
+        """
+        eps_ref = self._eps_ref()
+
+        def evaluate():
+            return self._eval(closure)
+        samples = self.parallel == "samples"
+        reduce_data = None
+        if samples and self.data_group is not None:
+            def reduce_data(evals, own_seeds):
+                return self._all_reduce_losses(evals, own_seeds, group=self.data_group)
+        device = next(iter(self._params()), torch.empty(0)).device
+        self._displaced = False
+        if self.exact:
+            params = list(self._params())
+            alphas = [self._ec(g) for g in self.param_groups for _ in g["params"]]
+            cp = ChunkedPerturbation(params, zo_kernels.offsets([p.detach() for p in params]),
+                                     self.dist, self.backend, self.exact_chunk_bytes)
+
+            def perturbed(seed, sign):
+                return cp.perturb(seed, [sign * a for a in alphas])
+            if samples:
+                values = _parallel.exact_losses(perturbed, evaluate, seeds, self.process_group,
+                                                reduce_data, device)
+            else:
+                values = exact_values(perturbed, evaluate, seeds,
+                                      None if self.process_group is None
+                                      else self._all_reduce_losses)
+            disp = None
+        else:
+            def displace(ss, mults):
+                self._apply_groups(list(ss), lambda g: (tuple(m * self._ec(g) for m in mults),
+                                                        1.0))
+            values, disp = _parallel.inplace_losses(displace, evaluate, seeds,
+                                                    self.process_group, reduce_data, device)
+        losses: list[float] = []
+        grads: list[float] = []
+        ok = True
+        for i, v in enumerate(values):
+            losses.append(v)
+            if not math.isfinite(v):
+                ok = False
+                break
+            if i % 2:
+                grads.append(projected_grad(values[i - 1], v, eps_ref))
+        if disp is not None and (not ok or not keep_last):
+            self._undo(*disp)
+        self._displaced = disp is not None and ok and keep_last
         return losses, grads, ok
 
     def _update_coeffs(self, group: dict, grads: Sequence[float], lr) -> tuple[tuple, float]:
@@ -794,18 +875,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._validate()
         self._check_precision()
         seeds = self.sample_seeds()
+        self._displaced = True  # the in-place walk leaves w - eps*c*z(last) (exact: see _spsa_modes)
         losses, grads, ok = self._spsa(closure, seeds, keep_last=True)
         mean_loss = sum(losses) / len(losses)
         if ok:
             last = seeds[-1]
+            restore = self._displaced
             plans = {}
             for gi, group in enumerate(self.param_groups):
                 upd, decay = self._update_coeffs(group, grads, None)
-                plans[id(group)] = ((self._ec(group) * decay,) + upd, decay)
+                plans[id(group)] = (((self._ec(group) * decay,) if restore else ()) + upd, decay)
             if all(abs(c) <= _FP32_MAX for cs, _ in plans.values() for c in cs):
-                self._apply_groups([last] + seeds, lambda g: plans[id(g)])
+                self._apply_groups(([last] if restore else []) + seeds, lambda g: plans[id(g)])
             else:  # an update too large for float32: treat as a non-finite step
-                self._undo(last, -1.0)
+                if restore:
+                    self._undo(last, -1.0)
                 ok = False
         self._finish(ok, "loss" if not all(map(math.isfinite, losses)) else "update")
         return mean_loss

@@ -20,8 +20,8 @@ Bit-identical weights across ranks, and equal to one process running the same S 
 ``process_group`` (the "samples" group) hold the same shard and split the directions; ranks of one
 ``data_group`` evaluate the same directions on different shards of the batch (closure returns
 ``loss`` or ``(loss, n)`` as in the data-parallel mode). Per step the losses of a rank's directions
-are first all-reduced over its ``data_group`` (:func:`.distributed.all_reduce_losses`, ``2k + 4``
-scalars), then gathered over its ``process_group``. Every rank of the grid applies the same update.
+are first all-reduced over its ``data_group`` (the data-parallel all-reduce, ``2k + 4`` scalars),
+then gathered over its ``process_group``. Every rank of the grid applies the same update.
 
 Every rank evaluates all of its directions even past a non-finite loss (so all make the same weight
 passes); the step is skipped when any of the 2S losses is not finite, and the gradients stop at the
@@ -107,24 +107,25 @@ def gather_losses(own_values: Sequence[float], seeds: Sequence[int], group,
     return values
 
 
-def _own_values(evals: list, own_seeds: list[int], data_group, device) -> list[float]:
-    """The global losses of this rank's evaluations: over ``data_group`` when given."""
-    if data_group is None:
+def _own_values(evals: list, own_seeds: list[int], reduce_data) -> list[float]:
+    """The global losses of this rank's evaluations: ``reduce_data(evals, own_seeds)`` (the
+    data-parallel all-reduce over the rank's data group) when given."""
+    if reduce_data is None:
         return [v for v, _ in evals]
-    from .distributed import all_reduce_losses
-    if not evals:  # a rank with no direction still joins its data group's reduction
+    if not evals:  # no direction here: nor on the rest of this data group (same share)
         return []
-    return all_reduce_losses(evals, own_seeds, data_group, _device(data_group, device))
+    return reduce_data(evals, own_seeds)
 
 
 def inplace_losses(displace: Callable[[Sequence[int], Sequence[float]], None],
-                   evaluate: Callable[[], tuple], seeds: Sequence[int], group, data_group,
+                   evaluate: Callable[[], tuple], seeds: Sequence[int], group, reduce_data,
                    device: torch.device) -> tuple[list[float], tuple | None]:
     """The in-place SPSA walk of a step with the closure called at this rank's directions only.
 
     ``displace(seeds, mults)`` adds ``sum_j mults[j] * eps_c * z(seeds[j])`` to the weights;
-    ``evaluate()`` calls the closure and returns ``(loss, n)``. The passes are those of
-    :func:`.functional.spsa_estimate`. Returns (all 2S losses, the displacement left: ``(seed,
+    ``evaluate()`` calls the closure and returns ``(loss, n)``; ``reduce_data(evals, seeds)``
+    (None: no data group) all-reduces this rank's losses over its data group. The passes are those
+    of the one-process in-place step. Returns (all 2S losses, the displacement left: ``(seed,
     sign)``). On an exception the displacement is undone before it propagates.
     """
     rank, world = tdist.get_rank(group), tdist.get_world_size(group)
@@ -144,7 +145,7 @@ def inplace_losses(displace: Callable[[Sequence[int], Sequence[float]], None],
             disp = (seed, -1.0)
             if i in mine:
                 evals.append(evaluate())
-        own = _own_values(evals, [seeds[i] for i in sorted(mine)], data_group, device)
+        own = _own_values(evals, [seeds[i] for i in sorted(mine)], reduce_data)
         values = gather_losses(own, seeds, group, device)
     except BaseException:
         if disp is not None:
@@ -154,7 +155,7 @@ def inplace_losses(displace: Callable[[Sequence[int], Sequence[float]], None],
 
 
 def exact_losses(perturbed: Callable[[int, float], object], evaluate: Callable[[], tuple],
-                 seeds: Sequence[int], group, data_group, device: torch.device) -> list[float]:
+                 seeds: Sequence[int], group, reduce_data, device: torch.device) -> list[float]:
     """All 2S losses with this rank evaluating its own directions in exact mode:
     ``perturbed(seed, sign)`` is a context in which forwards read ``w + sign*eps_c*z(seed)``."""
     rank, world = tdist.get_rank(group), tdist.get_world_size(group)
@@ -164,5 +165,5 @@ def exact_losses(perturbed: Callable[[int, float], object], evaluate: Callable[[
         for sign in (1.0, -1.0):
             with perturbed(seeds[i], sign):
                 evals.append(evaluate())
-    own = _own_values(evals, [seeds[i] for i in mine], data_group, device)
+    own = _own_values(evals, [seeds[i] for i in mine], reduce_data)
     return gather_losses(own, seeds, group, device)
