@@ -240,3 +240,16 @@ def test_bad_arguments_fail_with_one_line_errors(tmp_path):
         m = tiny_opt()
         ZOTrainer(model=m, args=args(tmp_path), train_dataset=Tokens(4),
                   optimizers=(torch.optim.SGD(m.parameters(), lr=0.1), None))
+
+
+def test_exact_mode_keeps_bf16_weights_from_drifting(tmp_path):
+    """zo_exact=True with bfloat16 weights and lr = 0: after the steps the weights are bit for bit
+    the initial ones; the in-place mode (the same run, zo_exact=False) has drifted."""
+    moved = {}
+    for exact in (False, True):
+        model = tiny_opt().to(torch.bfloat16)
+        w0 = bits(model)
+        ZOTrainer(model=model, args=args(tmp_path / str(exact), learning_rate=0.0, zo_exact=exact,
+                                         max_steps=4), train_dataset=Tokens(4)).train()
+        moved[exact] = sum(int((p.detach() != w0[n]).sum()) for n, p in model.named_parameters())
+    assert moved[True] == 0 and moved[False] > 0

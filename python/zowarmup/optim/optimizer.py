@@ -369,6 +369,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         max_skips: ``None`` or an int ``>= 1``: raise after this many consecutive skipped steps.
         process_group: ``None`` (one process, the default) or a ``torch.distributed``
             ``ProcessGroup`` this process belongs to: data-parallel steps, see above. Keyword-only.
+        exact: keyword-only, default False. True: the perturbed forwards read
+            ``w +- eps*scale*z`` made on the fly in chunks (:mod:`.exact_chunked`); the stored
+            weights change only by the update (no restore rounding: bf16/fp16 weights do not
+            drift, ranks and restarts stay bit-identical).
+        exact_chunk_bytes: keyword-only; the bound of one weight chunk and one output chunk in
+            exact mode (default 4 MiB).
+        parallel: keyword-only, ``"data"`` (default: the ranks of ``process_group`` hold shards of
+            the batch) or ``"samples"`` (they evaluate the same batch and split the S directions:
+            one all_gather of 2 scalars per direction; :mod:`.parallel`).
+        data_group: keyword-only, with ``parallel="samples"``: the ranks that evaluate the same
+            directions on other shards of the batch (losses all-reduced over it first).
 
     Raises:
         ValueError: naming the argument, for lr < 0, eps <= 0, num_samples < 1, scale <= 0,
