@@ -274,10 +274,10 @@ def _comm_notes(rows: list[dict]) -> list[str]:
 
 def _exact_notes(rows: list[dict]) -> list[str]:
     return ["Peak RSS of one ZO estimate (S = 1) in a fresh process against one inference forward "
-            "of the same batch. `exact` probes the perturbed weights through one reused scratch "
-            "buffer the size of the largest parameter (stored weights untouched, bit-exact "
-            "agreement); `inplace` is ZOOptimizer's +eps/-2eps/+eps (a few ulp of drift); "
-            "`snapshot` copies every parameter."]
+            "of the same batch. `exact` makes the perturbed weights inside the forward, Linear "
+            "rows and Conv output channels in chunks of at most 4 MiB (stored weights untouched, "
+            "bit-exact agreement); `inplace` is ZOOptimizer's +eps/-2eps/+eps (a few ulp of "
+            "drift); `snapshot` copies every parameter."]
 
 
 def _cpu_variants_notes(rows: list[dict]) -> list[str]:
