@@ -231,10 +231,10 @@ def _kernels_memory_notes(rows: list[dict]) -> list[str]:
 
 
 def _kernels_gpu_notes(rows: list[dict]) -> list[str]:
-    out = ["CUDA-event medians; `x add_` is the median per-round ratio to an in-place `add_`."]
-    out += [f"Backend `{r['config']['backend']}` skipped: {r['skipped']}" for r in rows
-            if r.get("skipped")]
-    return out
+    return ["`kernel us`: a CUDA graph of the call replayed (device time alone); `call us`: eager "
+            "calls between CUDA events; `host us`: time until the call returns; `x copy_`: median "
+            "per-round ratio to a `copy_` of the same bytes. Rows on `cpu (launch stubbed)` are the "
+            "host-side cost on a CPU with the kernel launch replaced by a no-op, not GPU figures."]
 
 
 def _optimizer_memory_notes(rows: list[dict]) -> list[str]:
@@ -319,11 +319,12 @@ FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
         Col("time s", "figures.seconds", "{:.2f}"), TARGET, RESULT],
         notes=_kernels_memory_notes),
     "kernels_gpu": column_table([
-        Col("op", "config.label"), Col("n", "config.n"), Col("dtype", "config.dtype"),
-        Col("median us", "figures.median_s", us), Col("GB/s", "figures.gbps", "{:.0f}"),
-        Col("x add_", "figures.ratio_to_add", "{:.2f}"),
-        Col("ns/elem/seed", "figures.ns_per_elem_per_seed", "{:.5f}"), TARGET, RESULT],
-        notes=_kernels_gpu_notes, skip=lambda r: bool(r.get("skipped"))),
+        Col("op", "config.op"), Col("backend", "config.backend"), Col("list", "config.list"),
+        Col("dtype", "config.dtype"), Col("device", "config.device"),
+        Col("kernel us", "figures.kernel_us", "{:.1f}"), Col("call us", "figures.call_us", "{:.1f}"),
+        Col("host us", "figures.host_us", "{:.1f}"), Col("GB/s", "figures.gbps", "{:.0f}"),
+        Col("x copy_", "figures.x_copy", "{:.2f}"), Col("status", "figures.status"), TARGET,
+        RESULT], notes=_kernels_gpu_notes),
     "optimizer_memory": column_table([
         Col("model", "config.model"), Col("method", "config.label"),
         Col("params", "config.n_params"), Col("peak MiB", "figures.peak_mib", "{:.1f}"),

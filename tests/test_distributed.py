@@ -41,7 +41,7 @@ SHARDS_EMPTY = (16, 0)
 KW_A = dict(lr=0.05, eps=1e-3, num_samples=2, seed=123)
 KW_B = dict(lr=0.05, eps=1e-3, num_samples=3, seed=7, weight_decay=0.01)
 EST_SEEDS = [11, 2**64 - 5, 2**40 + 3]
-LAUNCH_DEADLINE_S = 60.0
+LAUNCH_DEADLINE_S = 900.0  # only a hung launch fails on time
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor",
                "all_gather_object", "broadcast_object_list", "reduce", "reduce_scatter",
                "reduce_scatter_tensor", "gather", "gather_object", "scatter", "scatter_object_list",

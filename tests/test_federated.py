@@ -18,6 +18,7 @@ import zo_kernels
 from zowarmup import data as zdata
 from zowarmup.federated import messages as M
 from zowarmup.federated.client import Client
+from zowarmup.federated.checkpoint import load_checkpoint
 from zowarmup.federated.config import RunConfig, apply_overrides, validate
 from zowarmup.federated.loop import Runner, read_metrics
 from zowarmup.federated.server import Server
@@ -423,6 +424,6 @@ def test_sigkill_mid_round_then_resume_gives_the_uninterrupted_metrics(digits, t
     assert res.returncode == 0, res.stderr[-2000:]
     assert (run / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
     assert "resumed" in (run / "run.log").read_text()
-    final = torch.load(run / "checkpoint.pt", weights_only=False)["model"]
+    final = load_checkpoint(run)["model"]  # framed, weights_only=True
     for k, v in ref.model.state_dict().items():
         assert torch.equal(final[k], v)

@@ -54,7 +54,8 @@ class MeZOReference:
                 .view(p.shape) for p, o in zip(self.params, self.offs)]
 
     def _perturb(self, zs, factor):
-        # DESIGN section 4's rounding rule, spelled out: fp32 coefficient, fp32 math, one rounding
+        # the rounding rule of docs/DESIGN.md, "Grouped summation order", spelled out: fp32
+        # coefficient, fp32 math, one rounding
         k = 0
         for g in self.groups:
             for p in g["params"]:
@@ -638,7 +639,7 @@ def test_vanish_threshold_against_rounding(dtype, d):
     an ulp), and so does a step toward zero except at exact powers of two (where the spacing below
     halves); just below the threshold the step away from zero survives. Checked with torch's own
     fp32 -> dtype rounding."""
-    from zowarmup.optim.optimizer import _vanish_threshold
+    from zowarmup.optim.precision import _vanish_threshold
     thr = _vanish_threshold(d, dtype)
     mags = torch.cat([torch.linspace(thr, 4 * thr, 2001), torch.linspace(thr / 2, thr, 2001)[:-1]])
     w = torch.cat([mags, -mags]).to(dtype)

@@ -11,8 +11,9 @@ Quick start::
 
 Public names (imported lazily, so ``import zowarmup`` stays cheap and does not import torch):
 
-- :class:`ZOOptimizer`, :class:`ZOEstimate` (``zowarmup.optim``)
-- :func:`freeze_running_stats`, :func:`running_stats_once` (BatchNorm helpers, ``zowarmup.optim``)
+- :class:`ZOOptimizer`, :class:`ZOEstimate` (``zowarmup.optim.optimizer``)
+- :func:`freeze_running_stats`, :func:`running_stats_once` (BatchNorm helpers,
+  ``zowarmup.optim.batchnorm``)
 - :func:`derive_seed`, :func:`sample_seeds` (``zowarmup.seeds``)
 """
 from __future__ import annotations
@@ -24,10 +25,10 @@ from .seeds import derive_seed, sample_seeds
 __version__ = "0.1.0"
 
 _LAZY = {
-    "ZOOptimizer": "zowarmup.optim",
-    "ZOEstimate": "zowarmup.optim",
-    "freeze_running_stats": "zowarmup.optim",
-    "running_stats_once": "zowarmup.optim",
+    "ZOOptimizer": "zowarmup.optim.optimizer",
+    "ZOEstimate": "zowarmup.optim.optimizer",
+    "freeze_running_stats": "zowarmup.optim.batchnorm",
+    "running_stats_once": "zowarmup.optim.batchnorm",
 }
 
 __all__ = ["ZOOptimizer", "ZOEstimate", "derive_seed", "sample_seeds", "freeze_running_stats",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     for h in logging.getLogger().handlers:  # INFO events go to each run's run.log only
         h.setLevel(logging.WARNING)
 
+    from ._safeio import FolderBusyError, UnsafeFileError
     from .federated.config import ConfigError, load_config
 
     try:
@@ -91,29 +93,58 @@ def main(argv: list[str] | None = None) -> int:
                 return _error("--resume continues a folder with its saved config; do not pass "
                               "--config or key=value with it", 2)
             d = Path(args.resume)
+            if not d.is_dir():
+                return _error(f"--resume {d}: no such folder", 2)
+            from ._safeio import run_lock
             from .federated.experiment import EXPERIMENT, resume_experiment
             if (d / EXPERIMENT).exists():
-                resume_experiment(d, progress=progress, echo=echo)
+                with run_lock(d):  # one process per experiment folder (runs lock their own)
+                    resume_experiment(d, progress=progress, echo=echo)
             else:
                 from .federated.loop import resume_run
                 s = resume_run(d, progress=progress)
                 if echo:
-                    echo(f"{s['label']} seed {s['seed']}: final accuracy "
-                         f"{100 * s['final_accuracy']:.1f}% -> {d}")
+                    acc = s.get("final_accuracy") if isinstance(s, dict) else None
+                    shown = f"{100 * acc:.1f}%" if isinstance(acc, (int, float)) else "n/a"
+                    echo(f"{s.get('label', '?')} seed {s.get('seed', '?')}: final accuracy "
+                         f"{shown} -> {d}")
             return 0
         cfg = load_config(args.config, args.overrides)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            return _error(f"--out {out} is a file; give a folder (created if missing)", 2)
         from .federated.experiment import run_experiment
-        run_experiment(cfg, out=args.out, progress=progress, echo=echo)
+        run_experiment(cfg, out=out, progress=progress, echo=echo)
         return 0
     except ConfigError as e:
         return _error(str(e), 2)
     except FileNotFoundError as e:
         return _error(str(e), 2)
-    except ValueError as e:  # e.g. a malformed data file, a folder holding another run
+    except (UnsafeFileError, FolderBusyError) as e:  # damaged run folder, folder in use
         return _error(str(e), 1)
+    except UnicodeDecodeError as e:
+        return _error(f"a file is not UTF-8 text ({e})", 1)
+    except (ValueError, RuntimeError) as e:  # e.g. a malformed data file, a folder holding another run
+        return _error(_one_line(e), 1)
+    except OSError as e:  # permissions, a full disk, a path that is a file
+        where = f" {e.filename}" if getattr(e, "filename", None) else ""
+        return _error(f"cannot access{where}: {e.strerror or e}", 1)
+    except MemoryError:
+        return _error("out of memory (a data file or setting asks for more than this machine "
+                      "has)", 1)
     except KeyboardInterrupt:
         return _error("interrupted; continue with: zowarmup run --resume <folder>", 130)
+    except Exception as e:  # a bug or an input no check foresaw: still one line, unless debugging
+        if os.environ.get("ZOWARMUP_DEBUG"):
+            raise
+        return _error(f"unexpected {type(e).__name__}: {_one_line(e)} (set ZOWARMUP_DEBUG=1 for "
+                      "the traceback)", 1)
 
+
+def _one_line(e: BaseException) -> str:
+    """The first line of an exception's message (a message never spans a traceback's worth)."""
+    msg = str(e).strip()
+    return (msg.splitlines()[0] if msg else type(e).__name__)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

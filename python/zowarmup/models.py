@@ -348,6 +348,48 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int,
     """
     if not isinstance(name, str) or name.lower() not in MODELS:
         raise ValueError(f"unknown model name {name!r}; expected one of {', '.join(MODELS)}")
+    # With a large option, size the model on the meta device first (no memory, and the RNG state
+    # restored so the real build draws the same initial weights): a config asking for billions of
+    # weights is refused before anything is allocated. (Skipped for ordinary sizes: the first
+    # meta build of a ResNet costs seconds.)
+    if max(_largest_int(kw), _largest_int(num_classes), _largest_int(image_size),
+           _largest_int(in_channels)) <= 4096:
+        return _build(name, num_classes, in_channels, image_size, norm, **kw)
+    rng = torch.get_rng_state()
+    try:
+        with torch.device("meta"):
+            probe = _build(name, num_classes, in_channels, image_size, norm, **kw)
+    finally:
+        torch.set_rng_state(rng)
+    n = sum(t.numel() for t in list(probe.parameters()) + list(probe.buffers()))
+    if n > MAX_MODEL_ELEMENTS:
+        raise ValueError(f"{name} with these options has {n:,} weights ({4 * n / 2 ** 30:.1f} GiB "
+                         f"as float32); the limit is {MAX_MODEL_ELEMENTS:,}")
+    return _build(name, num_classes, in_channels, image_size, norm, **kw)
+
+
+def _largest_int(v) -> int:
+    """The largest integer inside an option value (nested lists/tuples/dicts), 0 when none."""
+    if isinstance(v, bool):
+        return 0
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return int(min(float(v), 2 ** 62)) if v == v else 0
+    if isinstance(v, dict):
+        v = list(v.values())
+    if isinstance(v, (list, tuple)):
+        return max((_largest_int(x) for x in v), default=0)
+    return 0
+
+
+#: Most weights (parameters and buffers) a model built by :func:`build_model` may have (4 GiB as
+#: float32): more is a mistyped option, not a model this project can train.
+MAX_MODEL_ELEMENTS = 2 ** 30
+
+
+def _build(name: str, num_classes: int, in_channels: int, image_size: int,
+           norm: str | None = None, **kw) -> nn.Module:
     name = name.lower()
     num_classes = _pos_int("num_classes", num_classes)
     in_channels = _pos_int("in_channels", in_channels)

@@ -10,6 +10,7 @@ from typing import Iterable, Sequence, Union
 
 import torch
 
+from . import _gpu
 from . import reference as _ref
 from ._backends import backends as _backends_report
 from ._backends import cpu_extension, cuda_extension, triton_interpreted, triton_module
@@ -60,6 +61,10 @@ def _check_tensors(ts: list[torch.Tensor], fn: str) -> None:
     devs = {t.device for t in ts}
     if len(devs) > 1:
         raise ValueError(f"{fn}: all tensors must be on one device, got {sorted(map(str, devs))}")
+    for i, t in enumerate(ts):  # all on one device here: meta tensors have no values to update
+        if t.device.type == "meta":
+            raise ValueError(f"{fn}: tensors[{i}] is a meta tensor (a shape without values); "
+                             "materialize it first (e.g. module.to_empty(device=...))")
     # Overlapping memory would make the in-place update depend on the processing order.
     spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
                    for i, t in enumerate(ts) if t.numel() > 0)
@@ -93,6 +98,8 @@ def _seeds_tensor(seeds, fn: str) -> torch.Tensor:
             raise ValueError(f"{fn}: seeds must be 1-D, got shape {tuple(seeds.shape)}")
         if seeds.device.type == "meta":
             raise ValueError(f"{fn}: seeds is a meta tensor (no values); pass real seeds")
+        if seeds.device.type == "cuda":  # read on the device by the GPU backends: no sync here
+            return seeds.reshape(-1).contiguous()
         return seeds.reshape(-1).to("cpu").contiguous()
     if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
         raise TypeError(f"{fn}: seeds must be a sequence of ints or an int64 tensor, "
@@ -109,6 +116,11 @@ def _coeffs_tensor(coeffs, fn: str) -> torch.Tensor:
             raise ValueError(f"{fn}: coeffs must be 1-D, got shape {tuple(coeffs.shape)}")
         if coeffs.device.type == "meta":
             raise ValueError(f"{fn}: coeffs is a meta tensor (no values); pass real coefficients")
+        if coeffs.device.type == "cuda":
+            # Read on the device by the GPU backends; checking finiteness here would synchronize
+            # the stream, so device coefficients are not checked (a non-finite one gives
+            # non-finite results, as in any torch op). See docs/DESIGN.md, "The GPU path".
+            return coeffs.detach().reshape(-1).to(torch.float32).contiguous()
         c = coeffs.detach().reshape(-1).to("cpu", torch.float32).contiguous()
     else:
         if isinstance(coeffs, (str, bytes)) or not isinstance(coeffs, Iterable):
@@ -201,22 +213,17 @@ def _run_reference(ts, seeds, coeffs, bases, decay, dist):
 
 
 def _run_cpu(ts, seeds, coeffs, bases, decay, dist):
-    cpu_extension().apply_seeds(ts, seeds, coeffs, list(bases), float(decay), DISTS.index(dist))
+    cpu_extension().apply_seeds(ts, seeds.cpu(), coeffs.cpu(), list(bases), float(decay),
+                                DISTS.index(dist))
 
 
 def _run_triton(ts, seeds, coeffs, bases, decay, dist):
-    triton_module()[0].apply_seeds_triton(ts, seeds, coeffs, list(bases), float(decay), dist)
+    # One launch, no synchronization: the host side lives in _gpu (docs/DESIGN.md, "The GPU path").
+    _gpu.run_triton(ts, seeds, coeffs, bases, float(decay), dist)
 
 
 def _run_cuda(ts, seeds, coeffs, bases, decay, dist):
-    dev = ts[0].device
-    # Rademacher: the subset-sum tables of the grouped order, built on the host (exact fp32), then
-    # moved to the device; the Gaussian path ignores them.
-    tables = (_ref.group_tables(coeffs) if dist == "rademacher"
-              else torch.zeros(0, 16, dtype=torch.float32))
-    cuda_extension()[0].apply_seeds(ts, seeds.to(dev), coeffs.to(dev),
-                                    tables.reshape(-1).to(dev), list(bases), float(decay),
-                                    DISTS.index(dist))
+    _gpu.run_cuda(cuda_extension()[0], ts, seeds, coeffs, bases, float(decay), dist)
 
 
 _IMPLS = {"reference": _run_reference, "cpu": _run_cpu, "triton": _run_triton, "cuda": _run_cuda}
@@ -239,7 +246,8 @@ def _apply_seeds_cpu(tensors, seeds, coeffs, bases, decay, dist):
 
 @_apply_seeds_op.register_kernel("cuda")
 def _apply_seeds_cuda(tensors, seeds, coeffs, bases, decay, dist):
-    _IMPLS[_default_backend(tensors[0].device)](tensors, seeds.cpu(), coeffs.cpu(), bases, decay, dist)
+    # seeds/coeffs stay where they are: the GPU backends read CUDA ones on the device (no sync).
+    _IMPLS[_default_backend(tensors[0].device)](tensors, seeds, coeffs, bases, decay, dist)
 
 
 @_apply_seeds_op.register_fake

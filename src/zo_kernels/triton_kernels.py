@@ -1,124 +1,250 @@
 """Triton backend of ``apply_seeds_`` (CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``).
 
-One program covers ``NB`` whole noise blocks (``NB * 128`` consecutive global indices, aligned to the
-block grid), so every Philox call serves a full row of 128 elements: the tile is ``[NB, 128]``, the
-four Philox words of a row are computed once per seed (``tl.philox`` on uint32 counters, exactly
-stream v1) and each element picks its bit. Elements of the tile outside the tensor are masked.
+One launch per call over the whole tensor list (a multi-tensor kernel). The host side
+(:mod:`zo_kernels._gpu`) hands the kernel a device table of tensor descriptors and of tile starts,
+built once per parameter list and cached:
 
-Seeds are looped inside the kernel, so K seeds cost one read and one write of the tensor. The
-accumulation order is the contract's (DESIGN section 4, ``reference`` module docstring):
+- ``desc[4 t + 0 .. 3] = (data pointer, numel, base, dtype code)`` of tensor ``t`` (int64; dtype code
+  0 float32, 1 bfloat16, 2 float16), ``base`` the global index of its element 0;
+- ``tile_start[t]`` = the first program of tensor ``t`` (int64, ``T + 1`` entries): tensor ``t``
+  owns ``cdiv(its noise blocks, NB)`` programs, each covering ``NB`` whole 128-element noise blocks
+  aligned to the block grid. A program finds its tensor by a binary search of ``LOG_T`` steps.
 
-- Rademacher, grouped order: for each group ``g`` of 4 seeds (``4g .. 4g+3``, the last group may be
-  short) each element builds a 4-bit index from its 4 sign bits (bit j set iff ``z_{4g+j} = +1``)
-  and adds ``T_g[idx]``, gathered from the subset-sum tables that the wrapper computes on the host
-  with :func:`zo_kernels.reference.group_tables` (float32, flattened ``[G * 16]``):
-  ``acc = 0f; for g: acc = acc + T_g[idx_g]``.
-- Gaussian, seed order: ``acc = 0f; for k: acc = acc + c_k * z_k``.
+The element tile is ``[NB, 4, 4, 8]``: row ``r`` (noise block), word ``q``, byte ``m``, bit ``u``,
+so element ``j = 32 q + 8 m + u`` of a block takes bit ``8 m + u`` of Philox word ``q`` (stream v1,
+``docs/DESIGN.md``, "Noise stream"); the innermost 8 elements are contiguous in memory, so loads and
+stores of aligned tensors vectorize (128-bit accesses).
 
-The multiply-add ``p * decay + acc`` is kept unfused (``enable_fp_fusion=False``) so the result
-matches the CPU bit for bit.
+Rademacher, grouped order (``docs/DESIGN.md``, "Grouped summation order"): per group ``g`` of
+``SUM_GROUP = 4`` seeds, Philox runs once per (row, seed) on a compact ``[NB, GS]`` tensor (``GS`` the
+seeds per group: 1 or 2 for K = 1, 2, else 4), not once per element. The 4 words of the group's
+seeds are then bit-transposed in that compact domain into "nibble words" ``N[r, q, m]`` (nibble
+``u`` = the group's 4 sign bits of element ``32 q + 8 m + u``), so each element needs one shift, one
+mask and one gather of the group's subset-sum table: ``acc = acc + T_g[(N >> 4u) & 15]``. The
+compact tensors have their own layout and reach the element layout through one layout conversion
+(shared memory on a GPU). The tables (float32 ``[G * 16]``) come from the host or from
+``_tables_kernel`` (device coefficients).
+
+Gaussian, seed order: ``acc = 0f; for k: acc = acc + c_k * z_k`` with one Philox per element and
+seed (``tl.sqrt_rn``; ``log``/``cos`` are the device's, so agreement is within 1e-6 relative).
+
+The multiply-add ``p * decay + acc`` is kept unfused (``enable_fp_fusion=False``). Stores round to
+bfloat16 by hand (the interpreter's cast truncates) and write NaN with the CPU kernel's bits
+(float32: the old NaN quieted, or x86's default NaN; bfloat16 ``0x7FC0``; float16 sign | ``0x7E00``)
+instead of the GPU's canonical NaN, so NaN and inf bit patterns match the CPU on every target.
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from . import reference as _ref
 
-NB_DEFAULT = 8  # blocks per program: 1024 elements
 SUM_GROUP = _ref.SUM_GROUP
 assert SUM_GROUP == 4, "the kernel builds 4-bit table indices"
+#: Noise blocks (rows of 128 elements) per program, Rademacher: 4096 elements, so a group's compact
+#: Philox tensor [NB, 4] has 128 entries, one per thread of a 4-warp program.
+NB_RADEMACHER = 32
+#: Noise blocks per program, Gaussian (Philox per element: smaller tiles keep registers low).
+NB_GAUSSIAN = 8
+NUM_WARPS = 4
+#: dtype codes of the descriptor table (same numbering as the CPU kernel's ``DType``).
+DTYPE_CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 
 
 @triton.jit
-def _apply_seeds_kernel(x_ptr, n, base, seeds_ptr, coeffs_ptr, tables_ptr, K, G, decay,
-                        APPLY_DECAY: tl.constexpr, GAUSSIAN: tl.constexpr, IS_BF16: tl.constexpr,
-                        NB: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    first_block = base // 128
-    rows = first_block + pid * NB + tl.arange(0, NB).to(tl.int64)          # global block ids [NB]
-    j = tl.arange(0, 128)                                                   # bit within block [128]
-    gidx = rows[:, None] * 128 + j[None, :].to(tl.int64)                    # global index [NB,128]
-    e = gidx - base                                                         # element index
-    mask = (e >= 0) & (e < n)
-    acc = tl.zeros((NB, 128), dtype=tl.float32)
-    if GAUSSIAN:
-        lo = (gidx & 0xFFFFFFFF).to(tl.uint32)
-        hi = (gidx >> 32).to(tl.uint32)
-        zero = tl.zeros((NB, 128), dtype=tl.uint32)
-        for k in range(K):                                                  # seed order
-            seed = tl.load(seeds_ptr + k).to(tl.uint64, bitcast=True)
-            c = tl.load(coeffs_ptr + k)
-            x0, x1, _, _ = tl.philox(seed, lo, hi, zero, zero)
-            u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(x0))
-            u2 = tl.uint_to_uniform_float(x1)
-            z = tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
-            acc = acc + c * z
+def _or(a, b):
+    return a | b
+
+
+@triton.jit
+def _ptr(raw, ELEM: tl.constexpr, ALIGNED: tl.constexpr):
+    """The int64 address ``raw`` as a pointer to ``ELEM``; with ``ALIGNED`` it is declared 16-byte
+    aligned (the hint must sit on the pointer itself for the 128-bit accesses to be emitted)."""
+    p = raw.to(tl.pointer_type(ELEM))
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    return p
+
+
+@triton.jit
+def _load_f32(raw, e, mask, CODE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Elements ``e`` of the tensor at address ``raw`` (int64): ``(value as float32, nanq)`` where
+    ``nanq`` (uint32) is the float32 bit pattern x86 gives a NaN computed from this element (the
+    element quieted, sign and payload kept; float16 keeps only the sign). 16-bit elements are read
+    as raw bits, so the sign of a NaN survives the device's conversion."""
+    if CODE == 0:
+        v = tl.load(_ptr(raw, tl.float32, ALIGNED) + e, mask=mask, other=0.0)
+        nanq = v.to(tl.uint32, bitcast=True) | 0x400000
+    elif CODE == 1:
+        h = tl.load(_ptr(raw, tl.uint16, ALIGNED) + e, mask=mask, other=0).to(tl.uint32)
+        nanq = (h << 16) | 0x400000
+        v = (h << 16).to(tl.float32, bitcast=True)
     else:
-        b_lo = (rows & 0xFFFFFFFF).to(tl.uint32)
-        b_hi = (rows >> 32).to(tl.uint32)
-        zero_row = tl.zeros((NB,), dtype=tl.uint32)
-        q = (j >> 5)[None, :]                                               # word of each bit
-        sh = (j & 31).to(tl.uint32)[None, :]                                # bit within the word
-        for g in range(G):                                                  # groups in order
-            idx = tl.zeros((NB, 128), dtype=tl.int32)
-            for jj in tl.static_range(4):                                   # seeds 4g .. 4g+3
-                k = g * 4 + jj
-                valid = k < K                                               # short last group
-                seed = tl.load(seeds_ptr + tl.minimum(k, K - 1)).to(tl.uint64, bitcast=True)
-                x0, x1, x2, x3 = tl.philox(seed, b_lo, b_hi, zero_row, zero_row)
-                w = tl.where(q == 0, x0[:, None],
-                             tl.where(q == 1, x1[:, None], tl.where(q == 2, x2[:, None], x3[:, None])))
-                bit = ((w >> sh) & 1).to(tl.int32)
-                bit = tl.where(valid, bit, 0)
-                idx = idx | (bit << jj)
-            acc = acc + tl.load(tables_ptr + g * 16 + idx)                  # one fp32 add per group
-    p = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
-    if APPLY_DECAY:
-        p = p * decay
-    p = p + acc
-    if IS_BF16:
-        # Round to nearest even by hand: the interpreter's float32 -> bfloat16 cast truncates, and
-        # this form is the same on every target. NaN stays NaN (quiet NaN 0x7FC0, as torch).
-        bits = p.to(tl.uint32, bitcast=True)
-        r = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        h = tl.load(_ptr(raw, tl.uint16, ALIGNED) + e, mask=mask, other=0)
+        v = h.to(tl.float16, bitcast=True).to(tl.float32)
+        nanq = ((h.to(tl.uint32) & 0x8000) << 16) | 0x7FC00000
+    return v, nanq
+
+
+@triton.jit
+def _store_f32(raw, e, mask, p, x, nanq, CODE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Round ``p`` (float32) to the tensor's dtype and store it, with the bits the CPU kernel
+    writes: a NaN result is ``nanq`` when the old value ``x`` was NaN, else x86's default NaN
+    ``0xFFC00000`` (a GPU's arithmetic would give ``0x7FFFFFFF``); then bfloat16 rounds to nearest
+    even by hand with NaN as ``0x7FC0``, float16 NaN as sign | ``0x7E00`` (torch's conversions)."""
+    pb = p.to(tl.uint32, bitcast=True)
+    pb = tl.where(p != p, tl.where(x != x, nanq, 0xFFC00000), pb)
+    if CODE == 0:
+        tl.store(_ptr(raw, tl.uint32, ALIGNED) + e, pb, mask=mask)
+    elif CODE == 1:
+        r = ((pb + 0x7FFF + ((pb >> 16) & 1)) >> 16).to(tl.uint16)
         r = tl.where(p != p, 0x7FC0, r).to(tl.uint16)
-        tl.store(x_ptr + e, r.to(tl.bfloat16, bitcast=True), mask=mask)
+        tl.store(_ptr(raw, tl.uint16, ALIGNED) + e, r, mask=mask)
     else:
-        tl.store(x_ptr + e, p.to(x_ptr.dtype.element_ty), mask=mask)
+        h = p.to(tl.float16).to(tl.uint16, bitcast=True)
+        h = tl.where(p != p, ((pb >> 16) & 0x8000) | 0x7E00, h).to(tl.uint16)
+        tl.store(_ptr(raw, tl.uint16, ALIGNED) + e, h, mask=mask)
 
 
-def apply_seeds_triton(tensors, seeds, coeffs, bases, decay: float, dist: str, nb: int = NB_DEFAULT):
-    """Launch the kernel once per tensor. ``seeds`` int64 and ``coeffs`` float32 (any device; moved
-    to the tensors' device), ``bases`` the global index of each tensor's element 0. For Rademacher
-    noise the subset-sum tables are computed on the host (``reference.group_tables``) and moved to
-    the device once per call."""
-    if not tensors:
-        return
-    dev = tensors[0].device
-    seeds_d = seeds.to(dev)
-    coeffs_d = coeffs.to(dev)
-    K = int(seeds_d.numel())
-    gaussian = dist == "gaussian"
-    if gaussian:
-        tables_d, G = coeffs_d, 0  # unused by the Gaussian path
+@triton.jit
+def _rademacher_acc(rows, seeds_ptr, tables_ptr, K, G, NB: tl.constexpr, GS: tl.constexpr,
+                    SUM_GROUP: tl.constexpr):
+    """float32 ``acc`` [NB, 4, 4, 8] of the grouped order for the NB noise blocks ``rows``."""
+    q = tl.arange(0, 4)
+    m = tl.arange(0, 4)
+    u = tl.arange(0, 8)
+    jj = tl.arange(0, GS)
+    b_lo = (rows & 0xFFFFFFFF).to(tl.uint32)
+    b_hi = (rows >> 32).to(tl.uint32)
+    c0 = b_lo[:, None] + tl.zeros((NB, GS), dtype=tl.uint32)                # counter (b_lo, b_hi,
+    c1 = b_hi[:, None] + tl.zeros((NB, GS), dtype=tl.uint32)                #  0, 0) per row/seed
+    zero = tl.zeros((NB, GS), dtype=tl.uint32)
+    shift_m = (8 * m).to(tl.uint32)[None, None, None, :]
+    shift_u = (4 * u).to(tl.uint32)[None, None, None, :]
+    acc = tl.zeros((NB, 4, 4, 8), dtype=tl.float32)
+    for g in range(G):                                                      # groups in order
+        kk = g * SUM_GROUP + jj
+        valid = kk < K                                                      # short last group
+        seed = tl.load(seeds_ptr + kk, mask=valid, other=0).to(tl.uint64, bitcast=True)
+        # One Philox per (row, seed): [NB, GS] each word.
+        x0, x1, x2, x3 = tl.philox(seed[None, :], c0, c1, zero, zero)
+        w = tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), [NB, GS, 4])  # word q, q=0..3
+        w = tl.where(valid[None, :, None], w, 0)
+        # Bit-transpose in the compact domain: byte m of word q of seed jj -> bits 4u + jj.
+        x = (w[:, :, :, None] >> shift_m) & 0xFF                            # [NB, GS, 4q, 4m]
+        x = (x | (x << 12)) & 0x000F000F
+        x = (x | (x << 6)) & 0x03030303
+        x = (x | (x << 3)) & 0x11111111                                     # bit i -> bit 4i
+        x = x << jj.to(tl.uint32)[None, :, None, None]
+        nib = tl.reduce(x, 1, _or)                                          # [NB, 4q, 4m]
+        idx = ((nib[:, :, :, None] >> shift_u) & 0xF).to(tl.int32)          # [NB, 4, 4, 8]
+        acc = acc + tl.load(tables_ptr + g * 16 + idx)                      # one fp32 add/group
+    return acc
+
+
+@triton.jit
+def _gaussian_acc(rows, seeds_ptr, coeffs_ptr, K, NB: tl.constexpr):
+    """float32 ``acc`` [NB, 4, 4, 8] of the seed order (Gaussian) for the noise blocks ``rows``."""
+    q = tl.arange(0, 4)
+    m = tl.arange(0, 4)
+    u = tl.arange(0, 8)
+    j = q[:, None, None] * 32 + m[None, :, None] * 8 + u[None, None, :]
+    gidx = rows[:, None, None, None] * 128 + j[None, :, :, :].to(tl.int64)
+    lo = (gidx & 0xFFFFFFFF).to(tl.uint32)
+    hi = (gidx >> 32).to(tl.uint32)
+    zero = tl.zeros((NB, 4, 4, 8), dtype=tl.uint32)
+    acc = tl.zeros((NB, 4, 4, 8), dtype=tl.float32)
+    for k in range(K):                                                      # seed order
+        seed = tl.load(seeds_ptr + k).to(tl.uint64, bitcast=True)
+        c = tl.load(coeffs_ptr + k)
+        x0, x1, _, _ = tl.philox(seed, lo, hi, zero, zero)
+        u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(x0))
+        u2 = tl.uint_to_uniform_float(x1)
+        z = tl.sqrt_rn(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+        acc = acc + c * z
+    return acc
+
+
+@triton.jit
+def apply_seeds_kernel(desc_ptr, tile_ptr, T, seeds_ptr, coeffs_ptr, tables_ptr, K, G, decay,
+                       LOG_T: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                       APPLY_DECAY: tl.constexpr, GAUSSIAN: tl.constexpr, GS: tl.constexpr,
+                       NB: tl.constexpr, SUM_GROUP: tl.constexpr):
+    """One program: NB noise blocks of one tensor. ``DTYPE`` 0/1/2 when every tensor has that dtype,
+    -1 for a mixed list (then a runtime branch per program). ``ALIGNED``: every tensor's address is
+    16-byte aligned and its numel and base are multiples of 16 (hints that allow 128-bit accesses)."""
+    pid = tl.program_id(0).to(tl.int64)
+    lo = pid * 0
+    hi = lo + T
+    for _ in tl.static_range(LOG_T):                 # largest t with tile_start[t] <= pid
+        mid = (lo + hi) // 2
+        go = tl.load(tile_ptr + mid) <= pid
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid)
+    t = lo
+    raw = tl.load(desc_ptr + 4 * t)
+    n = tl.load(desc_ptr + 4 * t + 1)
+    base = tl.load(desc_ptr + 4 * t + 2)
+    first_row = base // 128 + (pid - tl.load(tile_ptr + t)) * NB
+    start = first_row * 128 - base                   # element index of the tile's first slot
+    if ALIGNED:
+        n = tl.multiple_of(n, 16)
+        start = tl.multiple_of(start, 16)
+    r = tl.arange(0, NB)
+    q = tl.arange(0, 4)
+    m = tl.arange(0, 4)
+    u = tl.arange(0, 8)
+    offs = (r[:, None, None, None] * 128 + q[None, :, None, None] * 32
+            + m[None, None, :, None] * 8 + u[None, None, None, :])
+    e = start + offs
+    mask = (e >= 0) & (e < n)
+    # x first: its loads are in flight while the noise is computed.
+    if DTYPE >= 0:
+        x, nanq = _load_f32(raw, e, mask, DTYPE, ALIGNED)
     else:
-        tables = _ref.group_tables(coeffs.detach().to("cpu", torch.float32))
-        G = int(tables.shape[0])
-        tables_d = tables.reshape(-1).contiguous().to(dev)
-        if G == 0:
-            tables_d = torch.zeros(16, dtype=torch.float32, device=dev)  # never read (K = 0)
-    kwargs = {}
-    if dev.type == "cuda":
-        kwargs["enable_fp_fusion"] = False
-    for t, base in zip(tensors, bases):
-        n = t.numel()
-        if n == 0:
-            continue
-        nblocks = (base + n - 1) // 128 - base // 128 + 1
-        grid = (triton.cdiv(nblocks, nb),)
-        _apply_seeds_kernel[grid](t, n, base, seeds_d, coeffs_d, tables_d, K, G, float(decay),
-                                  APPLY_DECAY=float(decay) != 1.0, GAUSSIAN=gaussian,
-                                  IS_BF16=t.dtype == torch.bfloat16,
-                                  NB=nb, **kwargs)
+        code = tl.load(desc_ptr + 4 * t + 3)
+        if code == 0:
+            x, nanq = _load_f32(raw, e, mask, 0, ALIGNED)
+        elif code == 1:
+            x, nanq = _load_f32(raw, e, mask, 1, ALIGNED)
+        else:
+            x, nanq = _load_f32(raw, e, mask, 2, ALIGNED)
+    x_in = x
+    rows = first_row + r.to(tl.int64)
+    if GAUSSIAN:
+        acc = _gaussian_acc(rows, seeds_ptr, coeffs_ptr, K, NB)
+    else:
+        acc = _rademacher_acc(rows, seeds_ptr, tables_ptr, K, G, NB, GS, SUM_GROUP)
+    if APPLY_DECAY:
+        x = x * decay
+    p = x + acc
+    if DTYPE >= 0:
+        _store_f32(raw, e, mask, p, x_in, nanq, DTYPE, ALIGNED)
+    else:
+        if code == 0:
+            _store_f32(raw, e, mask, p, x_in, nanq, 0, ALIGNED)
+        elif code == 1:
+            _store_f32(raw, e, mask, p, x_in, nanq, 1, ALIGNED)
+        else:
+            _store_f32(raw, e, mask, p, x_in, nanq, 2, ALIGNED)
+
+
+@triton.jit
+def tables_kernel(coeffs_ptr, tables_ptr, K, G, SUM_GROUP: tl.constexpr, GB: tl.constexpr):
+    """Subset-sum tables of the grouped order from device coefficients: ``tables[16 g + mm]`` for
+    the ``GB`` groups of this program (``reference.group_tables``, same bits):
+    ``t = (bit 0 of mm ? c_4g : -c_4g); t = t + (bit j of mm ? c_4g+j : -c_4g+j)`` for
+    ``j < n_g``."""
+    g = tl.program_id(0) * GB + tl.arange(0, GB)
+    mm = tl.arange(0, 16)
+    gv = g < G
+    c = tl.load(coeffs_ptr + g * SUM_GROUP, mask=gv, other=0.0)
+    t = tl.where((mm[None, :] & 1) != 0, c[:, None], -c[:, None])
+    for j in tl.static_range(1, SUM_GROUP):
+        k = g * SUM_GROUP + j
+        kv = k < K
+        cj = tl.load(coeffs_ptr + k, mask=gv & kv, other=0.0)
+        term = tl.where(((mm[None, :] >> j) & 1) != 0, cj[:, None], -cj[:, None])
+        t = tl.where(kv[:, None], t + term, t)       # a short group adds only its n_g terms
+    tl.store(tables_ptr + g[:, None] * 16 + mm[None, :], t, mask=gv[:, None])

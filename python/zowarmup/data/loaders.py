@@ -33,6 +33,8 @@ import numbers
 import os
 import pickle
 import struct
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -43,6 +45,7 @@ import torch
 from ._util import TAG_DATA_SPLIT as _TAG_SPLIT
 from ._util import TAG_DATA_SUBSET as _TAG_SUBSET
 from ._util import _check_int, _check_seed, _rng
+from .partition import MAX_CLASSES  # the largest class count a data file may imply
 
 __all__ = ["Dataset", "load_dataset", "DATASETS", "stratified_split", "read_idx"]
 
@@ -368,11 +371,42 @@ def _load_cifar(fmt: str, root: Path):
 
 # ---- ImageNet32 (npz batches) --------------------------------------------------------------------
 
+#: What a damaged .npz can raise from numpy / zipfile / zlib while it is opened or read.
+_NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError,
+               struct.error, SyntaxError, NotImplementedError, OverflowError, MemoryError)
+#: A deflated member expands at most ~1032x; a header promising more than this is a lie.
+_MAX_EXPANSION = 1100
+
+
+def _npz_prescan(path: Path, fmt: str) -> None:
+    """Check every ``.npy`` member's header against the bytes that can back it, so a damaged or
+    forged header (say a shape of 10**12) is refused before numpy allocates the array."""
+    disk = path.stat().st_size
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            with zf.open(info) as f:
+                version = np.lib.format.read_magic(f)
+                if version == (1, 0):
+                    shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+                else:
+                    shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            if dtype.hasobject:
+                continue  # refused when read (needs pickle)
+            nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if nbytes > info.file_size or nbytes > _MAX_EXPANSION * max(disk, 1) + (1 << 20):
+                raise ValueError(f"array '{info.filename[:-4]}' claims shape {shape} of {dtype} "
+                                 f"({nbytes} bytes) but its member holds {info.file_size} bytes")
+
+
 def _npz_open(path: Path, fmt: str):
     try:
+        _npz_prescan(path, fmt)
         return np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise ValueError(f"{fmt}: {str(path)!r} is not a readable .npz file ({e}); expected "
+    except _NPZ_ERRORS as e:
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{fmt}: {str(path)!r} is not a readable .npz file ({why}); expected "
                          f"{_LAYOUTS[fmt]}") from None
 
 
@@ -382,8 +416,31 @@ def _npz_get(z, key: str, path: Path, fmt: str) -> np.ndarray:
                          f"{_LAYOUTS[fmt]}")
     try:
         return z[key]
-    except ValueError as e:  # object arrays need pickle, which is refused
-        raise ValueError(f"{fmt}: {str(path)!r} array '{key}' is unreadable ({e})") from None
+    except _NPZ_ERRORS as e:  # object arrays need pickle (refused); damaged members
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{fmt}: {str(path)!r} array '{key}' is unreadable ({why})") from None
+
+
+def check_label_range(y: np.ndarray, path, key: str, fmt: str, limit: int = MAX_CLASSES) -> None:
+    """Refuse labels that imply an absurd class count, before anything is sized by them.
+
+    A label must be below ``limit``; and when labels go past 1000 they must not leave most of
+    the implied classes empty (more than 10x the distinct labels present), the mark of one
+    corrupted value. The message names the file, the array, the index and the value.
+    """
+    if not len(y):
+        return
+    i = int(np.argmax(y))
+    top = int(y[i])
+    if top >= limit:
+        raise ValueError(f"{fmt}: {str(path)!r} '{key}'[{i}] = {top} is not a plausible class "
+                         f"label (labels must be 0..{limit - 1})")
+    if top >= 1000:
+        present = len(np.unique(y))
+        if top + 1 > 10 * present:
+            raise ValueError(f"{fmt}: {str(path)!r} '{key}'[{i}] = {top} implies {top + 1} classes "
+                             f"but only {present} distinct labels occur; a corrupted label? "
+                             f"(renumber the labels 0..K-1)")
 
 
 def _load_imagenet32(root: Path, max_train: int | None, split_seed: int):
@@ -534,6 +591,11 @@ def _load_mnist(root: Path):
         if y.ndim != 1 or len(y) != len(x) or not np.issubdtype(y.dtype, np.integer):
             raise ValueError(f"{fmt}: {str(paths[f'y_{split}'])!r} must hold {len(x)} integer "
                              f"labels, got {y.dtype} {y.shape}")
+        if len(y) and int(y.min()) < 0:
+            i = int(np.argmin(y))
+            raise ValueError(f"{fmt}: {str(paths[f'y_{split}'])!r} label [{i}] = {int(y[i])} is "
+                             "negative")
+        check_label_range(y, paths[f"y_{split}"], "labels", fmt)
     if arrays["x_tr"].shape[1:] != arrays["x_te"].shape[1:]:
         raise ValueError(f"{fmt}: train and test images differ in size")
     return (arrays["x_tr"][:, None], arrays["y_tr"].astype(np.int64),
@@ -579,10 +641,20 @@ def _labels(y: np.ndarray, path: Path, key: str, n: int) -> np.ndarray:
     elif not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"npz: {str(path)!r} '{key}' must hold integer class labels, got "
                          f"{y.dtype}")
+    if np.issubdtype(y.dtype, np.floating) and len(y) and float(np.max(np.abs(y))) >= 2 ** 62:
+        i = int(np.argmax(np.abs(y)))
+        raise ValueError(f"npz: {str(path)!r} '{key}'[{i}] = {y[i]:g} is not a plausible class "
+                         f"label (labels must be 0..{MAX_CLASSES - 1})")
+    if y.dtype == np.uint64 and len(y) and int(y.max()) >= 2 ** 63:
+        i = int(np.argmax(y))
+        raise ValueError(f"npz: {str(path)!r} '{key}'[{i}] = {int(y[i])} is not a plausible class "
+                         f"label (labels must be 0..{MAX_CLASSES - 1})")
     y = y.astype(np.int64)
     if len(y) and y.min() < 0:
-        raise ValueError(f"npz: {str(path)!r} '{key}' has negative labels; labels must be "
-                         f"0..K-1")
+        i = int(np.argmin(y))
+        raise ValueError(f"npz: {str(path)!r} '{key}'[{i}] = {int(y[i])} is negative; labels "
+                         f"must be 0..K-1")
+    check_label_range(y, path, key, "npz")
     return y
 
 

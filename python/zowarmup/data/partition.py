@@ -25,6 +25,11 @@ from ._util import _check_int, _check_seed, _rng
 
 __all__ = ["dirichlet_partition", "assign_resources", "sample_clients", "label_entropy"]
 
+#: Most classes a split accepts (a larger label is a corrupted or foreign file, not a class).
+MAX_CLASSES = 100_000
+#: Most clients x classes cells of the split's probability tables (8 bytes each: 400 MB).
+MAX_TABLE = 50_000_000
+
 # --------------------------------------------------------------------------------------------------
 # Federated splits
 # --------------------------------------------------------------------------------------------------
@@ -69,19 +74,31 @@ def dirichlet_partition(labels, num_clients: int, alpha: float, seed: int,
     if not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"labels must be integers, got dtype {y.dtype}")
     if y.min() < 0:
-        raise ValueError("labels must be non-negative")
+        i = int(np.argmin(y))
+        raise ValueError(f"labels must be non-negative, got labels[{i}] = {int(y[i])}")
     n = len(y)
     num_clients = _check_int("num_clients", num_clients, 1, n)
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not float(alpha) > 0:
         raise ValueError(f"alpha must be a positive float (inf allowed), got {alpha!r}")
     alpha = float(alpha)
     seed = _check_seed(seed)
-    k = int(y.max()) + 1
+    i_max = int(np.argmax(y))
+    top = int(y[i_max])
     if num_classes is not None:
-        num_classes = _check_int("num_classes", num_classes, 1)
-        if num_classes < k:
-            raise ValueError(f"num_classes={num_classes} but labels go up to {k - 1}")
+        num_classes = _check_int("num_classes", num_classes, 1, MAX_CLASSES)
+        if top >= num_classes:
+            raise ValueError(f"labels[{i_max}] = {top} is outside the {num_classes} classes "
+                             f"(0..{num_classes - 1})")
         k = num_classes
+    else:
+        if top >= MAX_CLASSES:
+            raise ValueError(f"labels[{i_max}] = {top} is not a plausible class label (at most "
+                             f"{MAX_CLASSES} classes; pass num_classes for the real count)")
+        k = top + 1
+    # The split's tables are N x K floats: refuse what would not fit comfortably in memory.
+    if num_clients * k > MAX_TABLE:
+        raise ValueError(f"{num_clients} clients x {k} classes is too large a split "
+                         f"(at most {MAX_TABLE} cells)")
 
     rng = _rng(seed, _TAG_PARTITION)
     counts = np.bincount(y, minlength=k).astype(np.int64)

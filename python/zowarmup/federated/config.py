@@ -322,7 +322,15 @@ def load_file(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
-    text = p.read_text()
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {p}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text (invalid byte 0x{raw[e.start]:02x} "
+                          f"at offset {e.start})") from None
     if p.suffix != ".json" and tomllib is None:
         raise ConfigError(f"cannot read {p}: TOML needs Python >= 3.11 (tomllib) or the 'tomli' "
                           "package; install tomli or give a .json config")
@@ -334,7 +342,10 @@ def load_file(path: str | Path, base: RunConfig | None = None) -> RunConfig:
     except (ValueError, json.JSONDecodeError) as e:  # TOMLDecodeError is a ValueError
         raise ConfigError(f"cannot parse config file {p}: {e}") from None
     # A saved run config (config.json in a run folder) is accepted as input as well.
-    return from_dict(d, base)
+    try:
+        return from_dict(d, base)
+    except ConfigError as e:
+        raise ConfigError(f"config file {p}: {e}") from None
 
 
 def _parse_value(text: str) -> Any:

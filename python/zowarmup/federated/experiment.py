@@ -19,7 +19,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .._safeio import UnsafeFileError, read_json_object
 from . import accounting
+from .checkpoint import read_summary
 from .checkpoint import atomic_write_text
 from .config import METHOD_LABELS, RunConfig, from_dict, validate
 from .loop import CONFIG, SUMMARY, Runner, read_metrics, resume_run
@@ -95,7 +97,7 @@ def _run_all(exp_dir: Path, cfg: RunConfig, runs, dataset, progress, echo) -> Pa
              f"{cfg.for_run(cfg.method, cfg.seed).pivot}), seeds {seeds} -> {exp_dir}")
     for method, seed, name in runs:
         rd = exp_dir / name
-        if (rd / SUMMARY).exists():
+        if read_summary(rd / SUMMARY) is not None:  # finished (an unreadable summary is rebuilt)
             continue
         t1 = time.perf_counter()
         if (rd / CONFIG).exists():
@@ -136,7 +138,7 @@ def resume_experiment(exp_dir: str | Path, progress: bool | None = None, dataset
     p = exp_dir / EXPERIMENT
     if not p.exists():
         raise FileNotFoundError(f"{exp_dir} is not an experiment folder (no {EXPERIMENT})")
-    meta = json.loads(p.read_text())
+    meta = read_json_object(p, ("config",), "experiment file")
     cfg = validate(from_dict(meta["config"]))
     return _run_all(exp_dir, cfg, plan_runs(cfg), dataset, progress, echo)
 
@@ -152,7 +154,12 @@ def expand_run_dirs(paths) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if (p / EXPERIMENT).exists():
-            meta = json.loads((p / EXPERIMENT).read_text())
+            meta = read_json_object(p / EXPERIMENT, ("runs",), "experiment file")
+            if not isinstance(meta["runs"], list) or not all(
+                    isinstance(r, str) and r and "/" not in r and r not in (".", "..")
+                    for r in meta["runs"]):
+                raise UnsafeFileError(f"{p / EXPERIMENT}: 'runs' must be a list of run folder "
+                                      "names")
             out.extend(p / r for r in meta["runs"])
         elif (p / CONFIG).exists():
             out.append(p)
@@ -174,6 +181,36 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, s
 
 
+def _read_finished_run(rd: Path) -> tuple[dict, dict]:
+    """(config, summary) of a finished run folder, checked for what :func:`compare` uses;
+    :class:`~zowarmup._safeio.UnsafeFileError` naming the file and the problem otherwise."""
+    cfg = read_json_object(rd / CONFIG, ("method", "seed", "data.name", "data.alpha",
+                                         "data.hi_fraction", "model.name"), "run config")
+    d = cfg["data"]
+    if not isinstance(cfg["method"], str) or not isinstance(d["name"], str) \
+            or not isinstance(cfg["model"]["name"], str):
+        raise UnsafeFileError(f"{rd / CONFIG}: 'method', 'data.name' and 'model.name' must be "
+                              "strings")
+    for k in ("alpha", "hi_fraction"):
+        if isinstance(d[k], bool) or not isinstance(d[k], (int, float)):
+            raise UnsafeFileError(f"{rd / CONFIG}: 'data.{k}' must be a number, got {d[k]!r:.40}")
+    summ = read_json_object(rd / SUMMARY, ("final_accuracy", "communication"), "run summary")
+    acc = summ["final_accuracy"]
+    if acc is not None and (isinstance(acc, bool) or not isinstance(acc, (int, float))
+                            or not 0 <= acc <= 1):
+        raise UnsafeFileError(f"{rd / SUMMARY}: 'final_accuracy' must be null or a number in "
+                              f"[0, 1], got {acc!r:.40}")
+    comm = summ["communication"]
+    keys = ("bytes_up_per_client_median", "bytes_down_per_client_median")
+    if not isinstance(comm, dict) or not all(
+            isinstance(v, dict) and all(isinstance(v.get(k), (int, float))
+                                        and not isinstance(v.get(k), bool) for k in keys)
+            for v in comm.values()):
+        raise UnsafeFileError(f"{rd / SUMMARY}: 'communication' must map each phase to "
+                              f"{' and '.join(keys)}")
+    return cfg, summ
+
+
 def compare(paths) -> dict:
     """Collect finished runs and tabulate final accuracy mean(std) per method and setting.
 
@@ -192,8 +229,7 @@ def compare(paths) -> dict:
         if not (rd / SUMMARY).exists():
             unfinished.append(str(rd))
             continue
-        cfg = json.loads((rd / CONFIG).read_text())
-        summ = json.loads((rd / SUMMARY).read_text())
+        cfg, summ = _read_finished_run(rd)
         label = METHOD_LABELS.get(cfg["method"], cfg["method"])
         st = _setting(cfg)
         if st not in settings:

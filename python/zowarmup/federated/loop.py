@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import memory
+from .._safeio import holds_run_lock
 from ..optim.exact import require_exact_supported
-from .checkpoint import (atomic_write_text, config_hash, load_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state)
+from .checkpoint import (atomic_write_text, config_hash, load_checkpoint, read_metrics_file,
+                         read_summary, rng_state, save_checkpoint, set_rng_state)
 from .client import has_batchnorm
 from .config import METHOD_LABELS, RunConfig, load_file, validate
 from .driver import LocalExchange, RoundDriver
@@ -169,7 +170,8 @@ class Runner:
 
     def _truncate_metrics(self, n: int) -> None:
         p = self._metrics_path()
-        lines = p.read_text().splitlines(keepends=True) if p.exists() else []
+        lines = (p.read_text(errors="surrogateescape").splitlines(keepends=True)  # bytes kept as is
+                 if p.exists() else [])
         complete = [ln for ln in lines if ln.endswith("\n")]
         if len(complete) < n:
             raise RuntimeError(f"{p} has {len(complete)} complete lines but the checkpoint "
@@ -185,6 +187,7 @@ class Runner:
         return h
 
     # -- main loop -------------------------------------------------------------------------------
+    @holds_run_lock  # one process per run folder (a second --resume is refused)
     def run(self) -> dict:
         """Train (or continue from the folder's checkpoint) to the last round; return the summary."""
         cfg = self.cfg
@@ -230,8 +233,9 @@ class Runner:
             self._truncate_metrics(0)
             log.info("started %s: method=%s seed=%d rounds=%d pivot=%d device=%s", self.run_dir,
                      cfg.method, cfg.seed, R, self.pivot, self.device)
-        if start >= R and (self.run_dir / SUMMARY).exists():
-            return json.loads((self.run_dir / SUMMARY).read_text())
+        done = read_summary(self.run_dir / SUMMARY) if start >= R else None  # None: rebuild it
+        if done is not None:
+            return done
         if memory is None and cfg.measure_memory:
             memory = self.memory_report()
 
@@ -303,11 +307,8 @@ class Runner:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The records of ``metrics.jsonl`` (complete lines only)."""
-    p = Path(run_dir) / METRICS
-    if not p.exists():
-        return []
-    return [json.loads(ln) for ln in p.read_text().splitlines(keepends=True) if ln.endswith("\n")]
+    """The records of ``metrics.jsonl`` (complete, usable lines; others skipped with a warning)."""
+    return read_metrics_file(Path(run_dir) / METRICS)
 
 
 def resume_run(run_dir: str | Path, progress: bool | None = None, dataset=None) -> dict:

@@ -50,7 +50,7 @@ from .methods import require_deployable
 from .messages import MsgType, Status, StatusMessage
 from .state import NO_MODEL, StateLayout, state_checksum
 from .validation import (Limits, Rejected, check_checksum, check_replay, check_seeds_task,
-                         check_task_round, check_weights_download, decode_checked)
+                         as_message, check_task_round, check_weights_download)
 
 log = logging.getLogger("zowarmup.federated")
 
@@ -124,14 +124,11 @@ class ClientReplica:
             raise Rejected(f"a task is 1 or 2 messages, got "
                            f"{len(payloads) if isinstance(payloads, (list, tuple)) else type(payloads).__name__}")
         lim = self.limits
-        if len(payloads) == 1:
-            msgs = [decode_checked(payloads[0], (MsgType.WEIGHTS, MsgType.SEEDS, MsgType.STATUS),
-                                   lim) if not hasattr(payloads[0], "TYPE") else payloads[0]]
+        if len(payloads) == 1:  # as_message: bytes decoded, objects must be genuine messages
+            msgs = [as_message(payloads[0], (MsgType.WEIGHTS, MsgType.SEEDS, MsgType.STATUS), lim)]
         else:
-            cu = payloads[0] if hasattr(payloads[0], "TYPE") else \
-                decode_checked(payloads[0], (MsgType.REPLAY, MsgType.WEIGHTS), lim)
-            last = payloads[1] if hasattr(payloads[1], "TYPE") else \
-                decode_checked(payloads[1], (MsgType.SEEDS, MsgType.STATUS), lim)
+            cu = as_message(payloads[0], (MsgType.REPLAY, MsgType.WEIGHTS), lim)
+            last = as_message(payloads[1], (MsgType.SEEDS, MsgType.STATUS), lim)
             if cu.TYPE not in (MsgType.REPLAY, MsgType.WEIGHTS):
                 raise Rejected(f"a task's first message must be a catch-up (REPLAY or WEIGHTS), "
                                f"got {cu.TYPE.name}")

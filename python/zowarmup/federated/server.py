@@ -52,7 +52,7 @@ from .messages import (CHECKSUM_BYTES, HEADER_BYTES, BroadcastMessage, GradsMess
 from .methods import get as get_method
 from .state import NO_MODEL, StateLayout, state_checksum
 from .validation import (Limits, Rejected, check_grads_reply, check_kseed_reply, check_status,
-                         check_weights_reply, decode_checked)
+                         as_message, check_weights_reply)
 
 log = logging.getLogger("zowarmup.federated")
 
@@ -206,12 +206,7 @@ class Server:
             if any(k not in kinds for k in ks):
                 raise ValueError(f"accept: unknown kind {kind!r}")
             want = tuple(kinds[k] for k in ks) if ks else tuple(kinds.values())
-            msg = payload
-            if not hasattr(payload, "TYPE"):
-                msg = decode_checked(payload, want, self.limits)
-            elif payload.TYPE not in want:
-                raise Rejected(f"wrong message type {payload.TYPE.name}; expected "
-                               f"{' or '.join(w.name for w in want)}")
+            msg = as_message(payload, want, self.limits)  # bytes or a genuine message object
             n = int(self.registered[int(cid)])
             n = n if n >= 0 else None
             if msg.TYPE == MsgType.WEIGHTS:

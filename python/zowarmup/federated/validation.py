@@ -145,6 +145,30 @@ def decode_checked(buf, want: MsgType | tuple, limits: Limits):
         raise Rejected(f"malformed {t.name} message: {e}") from None
 
 
+def as_message(payload, want: tuple, limits: Limits):
+    """``payload`` as a message of one of the ``want`` types: bytes are decoded with
+    :func:`decode_checked`; an object must be an instance of the message class of a wanted type
+    (its ``TYPE`` alone proves nothing: a hand-built object can carry any). :class:`Rejected`
+    otherwise, never another exception."""
+    if not hasattr(payload, "TYPE"):
+        return decode_checked(payload, want, limits)
+    t = getattr(payload, "TYPE", None)
+    names = " or ".join(MsgType(w).name for w in want)
+    try:
+        t = MsgType(t) if not isinstance(t, bool) else None
+    except (ValueError, TypeError):
+        t = None
+    if t is None:
+        raise Rejected(f"a {type(payload).__name__} object with TYPE {getattr(payload, 'TYPE', None)!r}"
+                       f" is not a message; expected {names}")
+    if t not in want:
+        raise Rejected(f"wrong message type {t.name}; expected {names}")
+    if not isinstance(payload, _CLASSES[t]):
+        raise Rejected(f"a {type(payload).__name__} object claims TYPE {t.name} but is not a "
+                       f"{_CLASSES[t].__name__}")
+    return payload
+
+
 # ------------------------------------------------------------------------------------------------
 # decoded-message checks
 # ------------------------------------------------------------------------------------------------
@@ -192,7 +216,10 @@ def _check_values(a: np.ndarray, what: str) -> None:
         i = int(np.flatnonzero(bad)[0])
         raise Rejected(f"{what}: non-finite value {a[i]} at index {i} "
                        f"({int(bad.sum())} of {a.size})")
-    if a.size and float(np.max(np.abs(a))) > MAX_ABS_VALUE:
+    # Compare in the array's own precision: float32(1e30) is 1.0000000150e30 as a Python float,
+    # and the bound itself must be accepted.
+    limit = np.asarray(MAX_ABS_VALUE, dtype=a.dtype) if a.dtype.kind == "f" else MAX_ABS_VALUE
+    if a.size and np.max(np.abs(a)) > limit:
         i = int(np.argmax(np.abs(a)))
         raise Rejected(f"{what}: value {a[i]:.3g} at index {i} exceeds {MAX_ABS_VALUE:g} in "
                        "magnitude")

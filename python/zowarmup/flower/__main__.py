@@ -20,7 +20,25 @@ import shlex
 import sys
 
 
+#: What to tell a user whose environment lacks Flower.
+INSTALL_HINT = ('the Flower integration needs the [flower] extra: pip install -e ".[flower]" in a '
+                'checkout (or pip install "zowarmup[flower]")')
+
+
+def flwr_missing() -> str | None:
+    """None when ``flwr`` imports; else one line saying which extra to install."""
+    try:
+        import flwr  # noqa: F401
+    except ImportError as e:
+        return f"{INSTALL_HINT} ({e})"
+    return None
+
+
 def main(argv=None) -> int:
+    missing = flwr_missing()
+    if missing:
+        print(f"python -m zowarmup.flower: error: {missing}", file=sys.stderr)
+        return 2
     ap = argparse.ArgumentParser(prog="python -m zowarmup.flower", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("app", help="write a Flower App folder")

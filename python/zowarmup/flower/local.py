@@ -10,9 +10,11 @@ Each process is started in its own session (process group) and :meth:`LocalFeder
 exactly those groups -- by the PIDs this object started -- with SIGTERM, then SIGKILL after a grace
 period, so the helpers they spawned (superexec, app processes) go too. Nothing else is touched.
 
-Command line (prints the run's summary line and status, then stops everything)::
+Command line (starts everything, runs, stops everything, then ends like ``zowarmup run``: the run
+folder ``<--out, default runs>/flower-<name>-<timestamp>/`` with ``metrics.jsonl``, ``summary.json``,
+``final_state.pt`` and ``accuracy.png``, and a last line with the final accuracy and that folder)::
 
-    python -m zowarmup.flower.local --supernodes 3 --overrides "data.hi_fraction=0.34 rounds=4 pivot=2"
+    python -m zowarmup.flower local --supernodes 3 --overrides "data.hi_fraction=0.34 rounds=4 pivot=2"
 """
 from __future__ import annotations
 
@@ -26,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from .apps import write_app
 
 FLOWER_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -103,7 +104,7 @@ class LocalFederation:
         p = Path(self.bindir) / name
         return str(p) if p.exists() else name
 
-    def start(self, timeout: float = 60.0) -> "LocalFederation":
+    def start(self, timeout: float = 600.0) -> "LocalFederation":
         """Start the SuperLink and the SuperNodes; return once the SuperLink accepts connections."""
         self.home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -209,11 +210,17 @@ class LocalFederation:
         ``flwr run`` exits 0 even when the ServerApp crashed, so the status comes from
         ``flwr list --run-id ID --format json`` (``finished:completed`` on success).
         """
+        from .apps import write_app  # imports flwr: only when a run is started
         app = Path(app_dir) if app_dir else write_app(self.workdir / "zowarmupflower")
         rc = " ".join(f"{k}={json.dumps(v) if isinstance(v, str) else v}"
                       for k, v in run_config.items())
-        out = self.flwr("run", str(app), self.connection, "--run-config", rc, "--format", "json",
-                        timeout=120)
+        wait = max(120.0, min(float(timeout), 600.0))  # `flwr run` itself is slow under load
+        try:
+            out = self.flwr("run", str(app), self.connection, "--run-config", rc, "--format",
+                            "json", timeout=wait)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"`flwr run` did not answer within {wait:.0f} s (is the machine "
+                               "overloaded?)") from None
         try:
             info = json.loads(out.stdout)
             run_id = str(info["run-id"])
@@ -223,8 +230,11 @@ class LocalFederation:
         t0 = time.time()
         entry: dict = {}
         while time.time() - t0 < timeout:
-            ls = self.flwr("list", self.connection, "--run-id", run_id, "--format", "json",
-                           timeout=60)
+            try:
+                ls = self.flwr("list", self.connection, "--run-id", run_id, "--format", "json",
+                               timeout=60)
+            except subprocess.TimeoutExpired:  # a slow answer: ask again until `timeout`
+                continue
             try:
                 runs = json.loads(ls.stdout).get("runs", [])
                 entry = next((r for r in runs if str(r.get("run-id")) == run_id), {})
@@ -237,7 +247,17 @@ class LocalFederation:
 
 
 def main(argv=None) -> int:
+    """``python -m zowarmup.flower local``: start, run, stop; then finish like ``zowarmup run``:
+    the run folder ``<out>/flower-<name>-<timestamp>/`` holds ``metrics.jsonl``, ``summary.json``,
+    ``final_state.pt`` and ``accuracy.png``, and the last line printed is the final accuracy and
+    that folder."""
     import argparse
+
+    from .__main__ import flwr_missing
+    missing = flwr_missing()
+    if missing:
+        print(f"python -m zowarmup.flower local: error: {missing}", file=sys.stderr)
+        return 2
     ap = argparse.ArgumentParser(prog="python -m zowarmup.flower.local",
                                  description="Run ZOWarmUp on a local Flower deployment "
                                              "(SuperLink + SuperNodes on 127.0.0.1, insecure).")
@@ -246,29 +266,80 @@ def main(argv=None) -> int:
                                                     '(data.num_clients is set to --supernodes)')
     ap.add_argument("--config", default="")
     ap.add_argument("--deadline", type=float, default=120.0)
-    ap.add_argument("--out", default="")
+    ap.add_argument("--out", default="runs", help="parent folder of the run folder (default: runs)")
     ap.add_argument("--timeout", type=float, default=1800.0)
     a = ap.parse_args(argv)
+    if a.supernodes < 1:
+        print(f"error: --supernodes must be >= 1, got {a.supernodes}", file=sys.stderr)
+        return 2
     overrides = f"{a.overrides} data.num_clients={a.supernodes}".strip()
     # Check the config here first: a bad one would otherwise only fail inside the ServerApp.
     from ..federated.config import ConfigError
     from .apps import config_from_run_config
     try:
-        config_from_run_config({"config": a.config, "overrides": overrides})
+        cfg = config_from_run_config({"config": a.config, "overrides": overrides})
     except (ConfigError, OSError, ValueError) as e:
         print(f"error: bad zowarmup config: {e}", file=sys.stderr)
         return 2
-    with LocalFederation(a.supernodes) as fed:
-        res = fed.run({"config": a.config, "overrides": overrides, "deadline": a.deadline,
-                       "out": a.out or str(fed.workdir / "out")}, timeout=a.timeout)
-        print(json.dumps({"run_id": res["run_id"], "status": res["status"],
-                          "workdir": str(fed.workdir)}))
-        if res["status"] != "finished:completed":
-            log = fed.flwr("log", res["run_id"], fed.connection, "--show", timeout=60)
-            print(f"the run did not complete; its ServerApp log (`flwr log`):\n"
-                  f"{(log.stdout + log.stderr)[-4000:]}", file=sys.stderr)
-    return 0 if res["status"] == "finished:completed" else 1
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        print(f"error: --out {out} is a file; give a folder (created if missing)", file=sys.stderr)
+        return 2
+    run_dir = new_run_dir(out, f"flower-{cfg.name}")
+    try:
+        with LocalFederation(a.supernodes) as fed:
+            res = fed.run({"config": a.config, "overrides": overrides, "deadline": a.deadline,
+                           "out": str(run_dir.resolve())}, timeout=a.timeout)
+            print(json.dumps({"run_id": res["run_id"], "status": res["status"],
+                              "workdir": str(fed.workdir)}))
+            if res["status"] != "finished:completed":
+                log = fed.flwr("log", res["run_id"], fed.connection, "--show", timeout=60)
+                print(f"the run did not complete; its ServerApp log (`flwr log`):\n"
+                      f"{(log.stdout + log.stderr)[-4000:]}", file=sys.stderr)
+                return 1
+    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"error: the local Flower deployment failed: {msg}", file=sys.stderr)
+        return 1
+    return finish_run_folder(run_dir, cfg, a.supernodes)
 
+
+def new_run_dir(out: Path, name: str) -> Path:
+    """A new ``<out>/<name>-<timestamp>[-k]/`` folder (created)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    d = Path(out) / f"{name}-{stamp}"
+    k = 1
+    while d.exists():
+        d = Path(out) / f"{name}-{stamp}-{k}"
+        k += 1
+    d.mkdir(parents=True)
+    return d
+
+
+def finish_run_folder(run_dir: Path, cfg, supernodes: int, echo=print) -> int:
+    """After a completed Flower run wrote ``run_dir``: plot ``accuracy.png`` and print the final
+    accuracy line naming the folder, like ``zowarmup run``. Returns the exit status."""
+    from .._safeio import UnsafeFileError, read_json_object
+    from ..federated.checkpoint import read_metrics_file
+    from ..federated.config import METHOD_LABELS
+    try:
+        summary = read_json_object(run_dir / "summary.json", ("final_accuracy",), "run summary")
+    except UnsafeFileError as e:
+        print(f"error: the run completed but left no usable summary: {e}", file=sys.stderr)
+        return 1
+    label = METHOD_LABELS.get(cfg.method, cfg.method)
+    try:
+        from ..federated.plotting import plot_run
+        plot_run(read_metrics_file(run_dir / "metrics.jsonl"), run_dir / "accuracy.png",
+                 cfg.effective_pivot(), f"{label} on Flower - {cfg.data.name}, seed {cfg.seed}")
+    except Exception as e:  # a plot must never lose a finished run
+        print(f"(could not write the plot: {e})", file=sys.stderr)
+    acc = summary["final_accuracy"]
+    shown = f"{100 * acc:.1f}%" if isinstance(acc, (int, float)) and not isinstance(acc, bool) \
+        else "n/a"
+    echo(f"{label} on Flower ({supernodes} SuperNodes) seed {cfg.seed}: final accuracy {shown} "
+         f"-> {run_dir}")
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -38,7 +38,7 @@ from torch import nn
 import zo_kernels
 
 from .exact_chunked import DEFAULT_CHUNK_BYTES, ChunkedPerturbation
-from .functional import projected_grad
+from .functional import spsa_grads
 
 
 class ScratchPerturbation:
@@ -120,9 +120,7 @@ def exact_estimate(model: nn.Module, closure: Callable[[], float], seeds: Sequen
                 losses.append(float(closure()))
             if not math.isfinite(losses[-1]):
                 break
-    grads = [projected_grad(losses[i], losses[i + 1], float(eps))
-             for i in range(0, len(losses) - 1, 2)
-             if math.isfinite(losses[i]) and math.isfinite(losses[i + 1])]
+    losses, grads, _ = spsa_grads(losses, float(eps))
     grads += [math.nan] * (len(seeds) - len(grads))
     return grads, losses
 
@@ -165,7 +163,8 @@ def require_exact_supported(model: nn.Module, x: torch.Tensor, dist: str = "rade
     model's train/eval mode is restored. ``backend`` as in the config (``"auto"``: the default)."""
     was = model.training
     try:
-        ok = check_exact_supported(model, x, dist=dist, backend=None if backend in (None, "auto") else backend)
+        ok = check_exact_supported(model, x, dist=dist, backend=zo_kernels.normalize_backend(
+            backend, "require_exact_supported"))
     finally:
         model.train(was)
     if not ok:

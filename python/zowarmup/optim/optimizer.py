@@ -1,44 +1,36 @@
 """ZOOptimizer: a drop-in ``torch.optim`` optimizer that trains with forward passes only.
 
-The step is SPSA with seed-regenerated noise (DESIGN section 5), fused into
+The step is SPSA with seed-regenerated noise (docs/DESIGN.md, "The ZO step"), fused into
 :func:`zo_kernels.apply_seeds_` so that no noise tensor, gradient or weight copy ever exists: a step
-needs the memory of inference. See :class:`ZOOptimizer` for the algorithm and its guarantees, and
-:func:`freeze_running_stats` / :func:`running_stats_once` for models with BatchNorm.
+needs the memory of inference. See :class:`ZOOptimizer` for the algorithm and its guarantees.
+
+The class validates its arguments, holds the integer state (step, seed, skip counters) and calls
+the functional core (:mod:`.functional`: :func:`~.functional.zo_step`,
+:func:`~.functional.spsa_estimate`, :func:`~.functional.apply_update`), which holds the arithmetic.
+Data parallelism is in :mod:`.distributed`, the precision warning in :mod:`.precision`, the
+BatchNorm helpers in :mod:`.batchnorm`.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import sys
 import warnings
-import zlib
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
-import torch.distributed as tdist
-from torch.nn.modules.batchnorm import _NormBase
 
 import zo_kernels
 
-from . import parallel as _parallel
-from .exact_chunked import DEFAULT_CHUNK_BYTES, ChunkedPerturbation, exact_values
-from .functional import decay_factor, projected_grad, update_coeffs
+from . import distributed, parallel as _parallel
+from .exact_chunked import DEFAULT_CHUNK_BYTES
+from .functional import FlatParams, GroupHypers, apply_update, flat_params, spsa_estimate, zo_step
+from .modes import estimate_modes
+from .precision import warn_vanishing_perturbation
+from .state_checks import check_param_storage, check_zo_state_dict
 from ..seeds import SEED_SCHEME_VERSION, sample_seeds
 
-__all__ = ["ZOOptimizer", "ZOEstimate", "freeze_running_stats", "running_stats_once",
-           "PRECISION_WARN_FRACTION"]
-
-_U64 = 1 << 64
-_FP32_MAX = float(torch.finfo(torch.float32).max)
-_BLOCK = 128  # elements per Rademacher block: every tensor starts on a multiple (DESIGN section 3)
-
-#: Share of a group's weights whose ±eps*scale perturbation rounds away (below half an ulp) above
-#: which ZOOptimizer warns (once per group, dtype and eps*scale value).
-PRECISION_WARN_FRACTION = 0.10
-# Weights sampled per tensor (evenly strided) to estimate that share. A full chunked scan took 10 s
-# for 75M fp32 weights here (small-op overhead); the strided sample is one small op per tensor.
-_CHECK_SAMPLE = 4096
+__all__ = ["ZOOptimizer", "ZOEstimate"]
 
 
 class ZOEstimate(NamedTuple):
@@ -102,16 +94,6 @@ def _check_hypers(lr, eps, scale, weight_decay, group: int | None = None) -> Non
                          "overflows float32")
 
 
-def _check_seed(seed, name: str) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{name} must be an int in [0, 2**64), got {type(seed).__name__} {seed!r}")
-    seed = int(seed)
-    if not 0 <= seed < _U64:
-        raise ValueError(f"{name} = {seed} is out of range: seeds are unsigned 64-bit, "
-                         "in [0, 2**64)")
-    return seed
-
-
 def _check_num_samples(num_samples) -> int:
     if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) \
             or num_samples < 1:
@@ -127,12 +109,12 @@ def _check_dist(dist) -> str:
 
 
 def _check_backend(backend):
-    if backend == "auto":
-        return None
-    if backend is not None and backend not in zo_kernels.BACKENDS:
-        raise ValueError(f"Invalid backend = {backend!r}: expected None (automatic) or one of "
-                         f"{', '.join(map(repr, zo_kernels.BACKENDS))}")
-    return backend
+    """``backend`` normalized by :func:`zo_kernels.normalize_backend` (``"auto"`` -> None)."""
+    try:
+        return zo_kernels.normalize_backend(backend)
+    except ValueError:
+        raise ValueError(f"Invalid backend = {backend!r}: expected None or 'auto' (automatic) or "
+                         f"one of {', '.join(map(repr, zo_kernels.BACKENDS))}") from None
 
 
 def _check_max_skips(max_skips):
@@ -141,92 +123,6 @@ def _check_max_skips(max_skips):
     if isinstance(max_skips, bool) or not isinstance(max_skips, numbers.Integral) or max_skips < 1:
         raise ValueError(f"Invalid max_skips = {max_skips!r}: must be None or an int >= 1")
     return int(max_skips)
-
-
-def _loss_value(out) -> float:
-    """The closure's return value as a Python float, or TypeError saying what was returned."""
-    if isinstance(out, torch.Tensor):
-        if out.dim() != 0:
-            raise TypeError(f"ZOOptimizer: the closure returned a tensor of shape {tuple(out.shape)}"
-                            "; it must return the scalar loss (a 0-dim tensor or a float), "
-                            "e.g. reduce it with .mean()")
-        if out.is_complex() or out.dtype == torch.bool:
-            raise TypeError(f"ZOOptimizer: the closure returned a 0-dim tensor of dtype {out.dtype}"
-                            "; the loss must be real")
-        return float(out.item())
-    if isinstance(out, bool) or not isinstance(out, numbers.Real):
-        text = repr(out)
-        text = text if len(text) <= 80 else text[:77] + "..."
-        raise TypeError(f"ZOOptimizer: the closure returned {type(out).__name__} ({text}); it must "
-                        "return the scalar loss as a 0-dim tensor or a float")
-    return float(out)
-
-
-def _closure_value(out) -> tuple[float, float | None]:
-    """The closure's return value as ``(loss, n)``: ``n`` is None for a plain loss, else the
-    sample count of ``(loss, n)`` (a non-negative finite number)."""
-    if isinstance(out, tuple):
-        if len(out) != 2:
-            raise TypeError(f"ZOOptimizer: the closure returned a tuple of {len(out)} items; it "
-                            "must return the scalar loss, or (loss, n) with n the number of "
-                            "samples the loss averages")
-        loss = _loss_value(out[0])
-        n = out[1]
-        if isinstance(n, torch.Tensor) and n.dim() == 0 and not n.is_complex() \
-                and n.dtype != torch.bool:
-            n = n.item()
-        if isinstance(n, bool) or not isinstance(n, numbers.Real):
-            raise TypeError(f"ZOOptimizer: the closure returned (loss, n) with n of type "
-                            f"{type(n).__name__}; n must be the number of samples (an int >= 0)")
-        n = float(n)
-        if not (math.isfinite(n) and n >= 0.0):
-            raise ValueError(f"ZOOptimizer: the closure returned (loss, n) with n = {n!r}; n must "
-                             "be the number of samples, finite and >= 0")
-        return loss, n
-    return _loss_value(out), None
-
-
-def _check_process_group(group):
-    """``group`` if it is a usable torch.distributed process group this process belongs to."""
-    if group is None:
-        return None
-    if not tdist.is_available():
-        raise RuntimeError("ZOOptimizer: process_group was given, but this torch build has no "
-                           "torch.distributed")
-    if not tdist.is_initialized():
-        raise RuntimeError("ZOOptimizer: process_group was given, but torch.distributed is not "
-                           "initialized; call torch.distributed.init_process_group(...) first, "
-                           "then pass torch.distributed.group.WORLD or a group from "
-                           "torch.distributed.new_group(...)")
-    if not isinstance(group, tdist.ProcessGroup):
-        raise TypeError(f"ZOOptimizer: process_group must be a torch.distributed.ProcessGroup "
-                        f"(e.g. torch.distributed.group.WORLD) or None, got "
-                        f"{type(group).__name__}")
-    if tdist.get_rank(group) < 0:
-        raise ValueError(f"ZOOptimizer: this process (global rank {tdist.get_rank()}) is not a "
-                         "member of process_group")
-    return group
-
-
-def _seeds_fingerprint(seeds: Sequence[int]) -> int:
-    """16-bit hash of a seed list, to check that every rank evaluates the same directions."""
-    return zlib.crc32(b"".join(int(s).to_bytes(8, "little") for s in seeds)) & 0xFFFF
-
-
-def _span(t: torch.Tensor) -> int:
-    """Elements tensor ``t`` occupies in the flat noise vector (rounded up to a block)."""
-    return -(-t.numel() // _BLOCK) * _BLOCK
-
-
-def _vanish_threshold(d: float, dtype: torch.dtype) -> float:
-    """Smallest magnitude from which adding ``±d`` to a ``dtype`` value rounds back to the value.
-
-    For ``|p|`` in ``[2**e, 2**(e+1))`` the ulp is ``2**(e - m)`` (``m`` mantissa bits), and
-    ``p ± d`` rounds to ``p`` when ``d < ulp / 2``; that holds for every ``e >= floor(log2 d) + m + 2``
-    (except the step toward zero from an exact power of two, where the spacing below is halved).
-    """
-    m = round(-math.log2(torch.finfo(dtype).eps))
-    return math.ldexp(1.0, math.floor(math.log2(d)) + m + 2)
 
 
 def _base_method(name: str):
@@ -257,11 +153,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         for x, y in loader:
             loss = opt.step(lambda: loss_fn(model(x), y))
 
-    **Algorithm** (DESIGN section 5). The parameters, in ``param_groups`` order then parameter
-    order, form one flat vector (each tensor starts on a 128-element block,
-    :func:`zo_kernels.offsets`). Step ``t`` draws S directions ``z_s`` (Rademacher ±1, or Gaussian)
-    from the seeds ``derive_seed(seed, t, s)`` (:func:`zowarmup.seeds.derive_seed`); with
-    ``c = scale`` and per-group ``eps``, ``lr``, ``wd``::
+    **Algorithm** (docs/DESIGN.md, "The ZO step"; the functions of :mod:`.functional`). The
+    parameters, in ``param_groups`` order then parameter order, form one flat vector (each tensor
+    starts on a 128-element block, :func:`zo_kernels.offsets`). Step ``t`` draws S directions
+    ``z_s`` (Rademacher ±1, or Gaussian) from the seeds ``derive_seed(seed, t, s)``
+    (:func:`zowarmup.seeds.derive_seed`); with ``c = scale`` and per-group ``eps``, ``lr``, ``wd``::
 
         for s in 0..S-1:
             w += eps*c*z_{s-1} + eps*c*z_s      # restore the previous sample, perturb (one pass)
@@ -273,10 +169,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     That is 2S forward passes and 2S+1 passes over the weights, each one
     :func:`zo_kernels.apply_seeds_` call that regenerates the noise from the seeds: no noise
     tensor, no gradient and no weight copy is ever allocated. The restore coefficient in the last
-    pass is multiplied by the decay ``1 - lr*wd`` so that weight decay acts on the restored weights
-    (DESIGN's sketch adds ``+eps*c``; the two differ by ``lr*wd*eps*c*z``). In expectation the update
-    is ``-lr * c**2 * grad L`` (``E[z z^T] = I``), so the effective SGD learning rate is
-    ``lr * scale**2``. ``step`` returns the mean of the 2S losses (losses at perturbed weights).
+    pass is multiplied by the decay ``1 - lr*wd`` so that weight decay acts on the restored
+    weights. In expectation the update is ``-lr * c**2 * grad L`` (``E[z z^T] = I``), so the
+    effective SGD learning rate is ``lr * scale**2``. ``step`` returns the mean of the 2S losses
+    (losses at perturbed weights).
 
     **Param groups** may set their own ``lr``, ``eps``, ``scale`` and ``weight_decay``. The noise is
     still one flat vector over all groups; group ``k`` is perturbed by ``eps_k*scale_k*z``, and
@@ -365,7 +261,8 @@ class ZOOptimizer(torch.optim.Optimizer):
         scale: noise magnitude ``c``, ``> 0`` (0.75: the paper's value for one local step).
         weight_decay: decoupled L2 decay, ``>= 0``, applied as ``w *= 1 - lr*weight_decay``.
         seed: base seed, an int in ``[0, 2**64)``.
-        backend: ``None`` (automatic) or one of ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``.
+        backend: ``None`` or ``"auto"`` (automatic; stored as None) or one of ``"reference"``,
+            ``"cpu"``, ``"triton"``, ``"cuda"``.
         max_skips: ``None`` or an int ``>= 1``: raise after this many consecutive skipped steps.
         process_group: ``None`` (one process, the default) or a ``torch.distributed``
             ``ProcessGroup`` this process belongs to: data-parallel steps, see above. Keyword-only.
@@ -410,17 +307,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         #: "data" (ranks hold shards of the batch) or "samples" (ranks share the S directions).
         self.parallel = _parallel.check_parallel(parallel, process_group, data_group)
         #: With parallel="samples": the ranks holding the other shards for the same directions.
-        self.data_group = _check_process_group(data_group)
+        self.data_group = distributed.check_process_group(data_group)
         self.num_samples = _check_num_samples(num_samples)
         self.dist = _check_dist(dist)
         self.backend = _check_backend(backend)
         self.max_skips = _check_max_skips(max_skips)
         #: The torch.distributed process group whose ranks share each step (None: one process).
         #: Not saved by pickling or ``state_dict``.
-        self.process_group = _check_process_group(process_group)
+        self.process_group = distributed.check_process_group(process_group)
         #: Integer state, saved by :meth:`state_dict` as Python ints: ``step`` (steps taken,
         #: skipped ones included), ``seed``, ``skipped_steps``, ``consecutive_skips``.
-        self.zo_state = {"step": 0, "seed": _check_seed(seed, "seed"), "skipped_steps": 0,
+        self.zo_state = {"step": 0, "seed": zo_kernels.check_seed(seed, "seed"), "skipped_steps": 0,
                          "consecutive_skips": 0}
         self._warned: set = set()
         defaults = dict(lr=lr, eps=eps, scale=scale, weight_decay=weight_decay)
@@ -513,12 +410,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         Warns when the checkpoint was written with another seed scheme or noise-stream version
         (training goes on, but not bit-identically).
         """
+        check_zo_state_dict(state_dict)  # strict: types, ranges, consistency (state_checks.py)
         if not isinstance(state_dict, dict) or "zo" not in state_dict:
             raise ValueError("ZOOptimizer.load_state_dict: the state dict has no 'zo' entry; it was "
                              "not written by ZOOptimizer.state_dict()")
         zo = dict(state_dict["zo"])
         try:
-            new_state = {"step": int(zo["step"]), "seed": _check_seed(zo["seed"], "zo['seed']"),
+            new_state = {"step": int(zo["step"]),
+                         "seed": zo_kernels.check_seed(zo["seed"], "zo['seed']"),
                          "skipped_steps": int(zo.get("skipped_steps", 0)),
                          "consecutive_skips": int(zo.get("consecutive_skips", 0))}
             num_samples = _check_num_samples(zo.get("num_samples", self.num_samples))
@@ -588,13 +487,11 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise ValueError("ZOOptimizer: all parameters must be on one device, found "
                              + "; ".join(f"{d} (e.g. {w})" for d, w in devices.items())
                              + ". Use one optimizer per device")
+        check_param_storage(devices)  # one device here; not meta (state_checks.py)
 
     def _validate(self) -> None:
         """Everything a step relies on; raises before any weight changes."""
-        if self.process_group is not None and not tdist.is_initialized():
-            raise RuntimeError("ZOOptimizer: torch.distributed is no longer initialized "
-                               "(destroy_process_group was called), but this optimizer has a "
-                               "process_group")
+        distributed.check_still_initialized(self.process_group)
         _check_num_samples(self.num_samples)
         _check_dist(self.dist)
         _check_backend(self.backend)
@@ -603,211 +500,34 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._check_params()
 
     def _eps_ref(self) -> float:
+        """The default ``eps``: the step every projected gradient is relative to."""
         return _real(self.defaults["eps"], "eps")
 
-    def _apply_groups(self, seeds: list[int], per_group: Callable[[dict], tuple]) -> None:
-        """``apply_seeds_`` with per-group ``(coeffs, decay) = per_group(group)``.
+    def _hypers(self, lr=None) -> list[GroupHypers]:
+        """Each group's hyper-parameters as floats (``lr``, when given, overrides every group's)."""
+        return [GroupHypers(_real(g["lr"] if lr is None else lr, "lr"), _real(g["eps"], "eps"),
+                            _real(g["scale"], "scale"), _real(g["weight_decay"], "weight_decay"))
+                for g in self.param_groups]
 
-        Consecutive groups with equal coefficients share one call; each call passes the global
-        offset of its first tensor, so the noise is that of one flat vector over all groups.
-        """
-        runs: list[list] = []
-        pos = 0
-        for group in self.param_groups:
-            key = per_group(group)
-            ts = [p.detach() for p in group["params"]]
-            if runs and runs[-1][0] == key:
-                runs[-1][2].extend(ts)
-            else:
-                runs.append([key, pos, ts])
-            pos += sum(_span(t) for t in ts)
-        for (coeffs, decay), offset, ts in runs:
-            if ts:
-                zo_kernels.apply_seeds_(ts, seeds, list(coeffs), decay, self.dist, self.backend,
-                                        offset)
+    def _modes(self) -> bool:
+        """Exact mode or perturbation-parallel ranks (:func:`.modes.estimate_modes`)."""
+        return self.exact or self.parallel == "samples"
 
-    @staticmethod
-    def _ec(group: dict) -> float:
-        return _real(group["eps"], "eps") * _real(group["scale"], "scale")
+    def _estimate_modes(self, flat: FlatParams, hypers, closure, seeds, keep_last: bool):
+        return estimate_modes(flat, list(self._params()), hypers, closure, seeds,
+                              self._eps_ref(), exact=self.exact,
+                              chunk_bytes=self.exact_chunk_bytes,
+                              process_group=self.process_group,
+                              samples=self.parallel == "samples", data_group=self.data_group,
+                              keep_last=keep_last)
 
-    def _undo(self, seed: int, sign: float) -> None:
-        """Remove a displacement ``sign * eps*c * z(seed)`` from the weights."""
-        self._apply_groups([seed], lambda g: ((-sign * self._ec(g),), 1.0))
-
-    def _eval(self, closure) -> tuple[float, float | None]:
-        with torch.no_grad():
-            out = closure()
-        return _closure_value(out)
-
-    def _reduce_device(self, group=None) -> torch.device:
-        """Where the loss buffer of the all-reduce lives: the CPU when the group's backend takes
-        CPU tensors (gloo, mpi), else the parameters' device (nccl takes CUDA tensors only)."""
-        backend = str(tdist.get_backend(group or self.process_group)).lower()
-        if "gloo" in backend or "mpi" in backend:
-            return torch.device("cpu")
-        return next(iter(self._params()), torch.empty(0)).device
-
-    def _all_reduce_losses(self, evals: list, seeds: list[int], group=None) -> list[float]:
-        """The global losses of this step's evaluations: one all-reduce of ``len(evals) + 4``
-        float64 scalars over the process group.
-
-        Each rank contributes ``n * loss`` per evaluation (``n = 1`` for a plain loss, so the
-        result is the mean over ranks) plus ``n``, a "returned (loss, n)" flag and a fingerprint
-        of the seeds with its square; the global loss is ``sum(n_r * L_r) / sum(n_r)``. A rank
-        with ``n = 0`` contributes exactly 0 (the mean over an empty shard is NaN). Every check on
-        the reduced values raises on every rank alike, so no rank is left waiting.
-        """
-        counts = [n for _, n in evals]
-        if any(n != counts[0] for n in counts):
-            raise ValueError(f"ZOOptimizer: the closure returned different sample counts within "
-                             f"one step ({', '.join(map(str, counts))}); it must evaluate the "
-                             "same shard on every call")
-        n = counts[0]
-        w = 1.0 if n is None else n
-        fp = _seeds_fingerprint(seeds)
-        buf = [w * loss if w != 0.0 else 0.0 for loss, _ in evals]
-        buf += [w, float(n is not None), float(fp), float(fp * fp)]
-        group = group or self.process_group
-        t = torch.tensor(buf, dtype=torch.float64, device=self._reduce_device(group))
-        tdist.all_reduce(t, op=tdist.ReduceOp.SUM, group=group)
-        vals = t.tolist()
-        k = len(evals)
-        total, counted, fp_sum, fp_sq = vals[k:]
-        world = tdist.get_world_size(group)
-        # all fingerprints equal <=> world * sum(f^2) == sum(f)^2 (Cauchy-Schwarz); the sums are
-        # integers below 2**53, so exact in float64
-        if world * (1 << 32) < (1 << 53) and world * int(fp_sq) != int(fp_sum) ** 2:
-            raise RuntimeError("ZOOptimizer: the ranks of process_group evaluated different "
-                               "noise seeds (their step counters, base seeds or estimate() seeds "
-                               "differ); every rank must take the same steps from the same "
-                               "state")
-        if counted not in (0.0, float(world)):
-            raise ValueError(f"ZOOptimizer: {int(counted)} of {world} ranks' closures returned "
-                             "(loss, n) and the others a plain loss; all ranks must return the "
-                             "same form")
-        if not total > 0.0:
-            raise ValueError("ZOOptimizer: every rank's closure returned n = 0 samples; there is "
-                             "no loss to evaluate")
-        return [v / total for v in vals[:k]]
-
-    def _spsa(self, closure, seeds: list[int], keep_last: bool):
-        """Evaluate L+ / L- for every seed. Returns (losses, grads, ok).
-
-        ``losses`` ends at the first non-finite loss (then ``ok`` is False), ``grads`` holds one
-        projected gradient per complete sample before it. On return the weights are restored,
-        except with ``keep_last and ok``: then they are left displaced by ``-eps*c*z(seeds[-1])``
-        for the caller's fused final pass. On an exception the displacement is undone before it
-        propagates.
-
-        With a process group the 2S losses are the ranks' all-reduced ones. Every rank then
-        evaluates all 2S (no early stop at a local non-finite loss), so that all ranks make the
-        same weight passes and stay bit-identical.
-        """
-        if self.exact or self.parallel == "samples":
-            return self._spsa_modes(closure, seeds, keep_last)
-        eps_ref = self._eps_ref()
-        local = self.process_group is None
-        evals: list = []  # (loss, n) per closure call, in call order
-        disp = None  # (seed, sign): the weights are now w + sign * eps*c * z(seed)
-        try:
-            for seed in seeds:
-                if disp is None:
-                    self._apply_groups([seed], lambda g: ((self._ec(g),), 1.0))
-                else:  # restore the previous sample and perturb this one in one pass
-                    prev = disp[0]
-                    self._apply_groups([prev, seed], lambda g: ((self._ec(g), self._ec(g)), 1.0))
-                disp = (seed, 1.0)
-                evals.append(self._eval(closure))
-                if local and not math.isfinite(evals[-1][0]):
-                    break
-                self._apply_groups([seed], lambda g: ((-2.0 * self._ec(g),), 1.0))
-                disp = (seed, -1.0)
-                evals.append(self._eval(closure))
-                if local and not math.isfinite(evals[-1][0]):
-                    break
-            values = [v for v, _ in evals] if local else self._all_reduce_losses(evals, seeds)
-        except BaseException:
-            if disp is not None:
-                self._undo(*disp)
-            raise
-        losses: list[float] = []
-        grads: list[float] = []
-        ok = True
-        for i, v in enumerate(values):
-            losses.append(v)
-            if not math.isfinite(v):
-                ok = False
-                break
-            if i % 2:
-                grads.append(projected_grad(values[i - 1], v, eps_ref))
-        if disp is not None and (not ok or not keep_last):
-            self._undo(*disp)
-        return losses, grads, ok
-
-    def _spsa_modes(self, closure, seeds: list[int], keep_last: bool):
-        """:meth:`_spsa` in exact mode and/or with perturbation-parallel ranks (same returns).
-
-        Exact: forwards read ``w +- eps_k c_k z`` made on the fly, nothing is displaced (the
-        final pass then has no restore: see :meth:`step`). Samples-parallel in place: every rank
-        makes all the passes, the closure runs at its own directions only (optim/parallel.py).
-        """
-        eps_ref = self._eps_ref()
-
-        def evaluate():
-            return self._eval(closure)
-        samples = self.parallel == "samples"
-        reduce_data = None
-        if samples and self.data_group is not None:
-            def reduce_data(evals, own_seeds):
-                return self._all_reduce_losses(evals, own_seeds, group=self.data_group)
-        device = next(iter(self._params()), torch.empty(0)).device
-        self._displaced = False
-        if self.exact:
-            params = list(self._params())
-            alphas = [self._ec(g) for g in self.param_groups for _ in g["params"]]
-            cp = ChunkedPerturbation(params, zo_kernels.offsets([p.detach() for p in params]),
-                                     self.dist, self.backend, self.exact_chunk_bytes)
-
-            def perturbed(seed, sign):
-                return cp.perturb(seed, [sign * a for a in alphas])
-            if samples:
-                values = _parallel.exact_losses(perturbed, evaluate, seeds, self.process_group,
-                                                reduce_data, device)
-            else:
-                values = exact_values(perturbed, evaluate, seeds,
-                                      None if self.process_group is None
-                                      else self._all_reduce_losses)
-            disp = None
-        else:
-            def displace(ss, mults):
-                self._apply_groups(list(ss), lambda g: (tuple(m * self._ec(g) for m in mults),
-                                                        1.0))
-            values, disp = _parallel.inplace_losses(displace, evaluate, seeds,
-                                                    self.process_group, reduce_data, device)
-        losses: list[float] = []
-        grads: list[float] = []
-        ok = True
-        for i, v in enumerate(values):
-            losses.append(v)
-            if not math.isfinite(v):
-                ok = False
-                break
-            if i % 2:
-                grads.append(projected_grad(values[i - 1], v, eps_ref))
-        if disp is not None and (not ok or not keep_last):
-            self._undo(*disp)
-        self._displaced = disp is not None and ok and keep_last
-        return losses, grads, ok
-
-    def _update_coeffs(self, group: dict, grads: Sequence[float], lr) -> tuple[tuple, float]:
-        """Per-group update coefficients ``-lr*c*g_s*(eps/eps_k)/S`` and decay ``1 - lr*wd``."""
-        lr_f = _real(group["lr"] if lr is None else lr, "lr")
-        c = _real(group["scale"], "scale")
-        ratio = self._eps_ref() / _real(group["eps"], "eps")
-        coeffs = update_coeffs(grads, lr_f, c, weight=ratio)
-        return tuple(coeffs), decay_factor(lr_f, _real(group["weight_decay"], "weight_decay"))
+    def _flat(self) -> FlatParams:
+        """The parameters as one flat noise vector, for the functional core."""
+        return flat_params([g["params"] for g in self.param_groups], self.dist, self.backend)
 
     def _finish(self, ok: bool, what: str) -> None:
+        """Advance the step counter; for a skipped step (``ok`` False, ``what`` not finite) count
+        it, warn once per optimizer and raise after ``max_skips`` consecutive ones."""
         st = self.zo_state
         st["step"] += 1
         if ok:
@@ -825,38 +545,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                                f"because the {what} was not finite (max_skips={self.max_skips}); "
                                "the weights are at their last good state")
 
-    def _check_precision(self) -> None:
+    def _check_precision(self, hypers: Sequence[GroupHypers]) -> None:
         """Warn when eps*scale is below half an ulp for a sizable share of a group's weights."""
-        for gi, group in enumerate(self.param_groups):
-            d = self._ec(group)
-            by_dtype: dict = {}
-            for p in group["params"]:
-                by_dtype.setdefault(p.dtype, []).append(p)
-            for dtype, ps in by_dtype.items():
-                key = ("precision", gi, dtype, d)
-                if key in self._warned:
-                    continue
-                self._warned.add(key)
-                thr = _vanish_threshold(d, dtype)
-                total = sum(p.numel() for p in ps)
-                if total == 0:
-                    continue
-                lost = 0.0
-                with torch.no_grad():
-                    for p in ps:
-                        flat = p.detach().reshape(-1)
-                        if flat.numel() == 0:
-                            continue
-                        sample = flat[::max(1, flat.numel() // _CHECK_SAMPLE)]  # a view, no copy
-                        hit = int(torch.count_nonzero(sample.abs() >= thr))
-                        lost += hit / sample.numel() * flat.numel()
-                share = lost / total
-                if share > PRECISION_WARN_FRACTION:
-                    warnings.warn(
-                        f"ZOOptimizer: in param group {gi}, eps*scale = {d:.3g} is below half an "
-                        f"ulp for {share:.0%} of the {dtype} weights (every |w| >= {thr:g}); "
-                        "their perturbation rounds away and they get no gradient signal. Use a "
-                        "larger eps or float32 weights", RuntimeWarning, stacklevel=3)
+        warn_vanishing_perturbation([g["params"] for g in self.param_groups],
+                                    [h.eps_c for h in hypers], self._warned, stacklevel=3)
 
     # -- public API ------------------------------------------------------------------------------
     @torch.no_grad()
@@ -884,26 +576,22 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise TypeError("ZOOptimizer.step needs a closure that runs the forward pass and "
                             f"returns the loss, got {closure!r}")
         self._validate()
-        self._check_precision()
+        hypers = self._hypers()
+        self._check_precision(hypers)
         seeds = self.sample_seeds()
-        self._displaced = True  # the in-place walk leaves w - eps*c*z(last) (exact: see _spsa_modes)
-        losses, grads, ok = self._spsa(closure, seeds, keep_last=True)
-        mean_loss = sum(losses) / len(losses)
-        if ok:
-            last = seeds[-1]
-            restore = self._displaced
-            plans = {}
-            for gi, group in enumerate(self.param_groups):
-                upd, decay = self._update_coeffs(group, grads, None)
-                plans[id(group)] = (((self._ec(group) * decay,) if restore else ()) + upd, decay)
-            if all(abs(c) <= _FP32_MAX for cs, _ in plans.values() for c in cs):
-                self._apply_groups(([last] if restore else []) + seeds, lambda g: plans[id(g)])
-            else:  # an update too large for float32: treat as a non-finite step
-                if restore:
-                    self._undo(last, -1.0)
-                ok = False
+        # an update too large for float32 is skipped like a non-finite loss
+        if self._modes():
+            flat, eps = self._flat(), self._eps_ref()
+            res, displaced = self._estimate_modes(flat, hypers, closure, seeds, keep_last=True)
+            losses, grads, ok = res
+            if ok:  # exact mode: nothing to restore, the update is the only write
+                ok = apply_update(flat, hypers, seeds, grads, eps,
+                                  restore_seed=seeds[-1] if displaced else None)
+        else:
+            losses, _, ok = zo_step(self._flat(), hypers, closure, seeds, self._eps_ref(),
+                                    process_group=self.process_group)
         self._finish(ok, "loss" if not all(map(math.isfinite, losses)) else "update")
-        return mean_loss
+        return sum(losses) / len(losses)
 
     @torch.no_grad()
     def estimate(self, closure: Callable[[], torch.Tensor | float],
@@ -930,12 +618,19 @@ class ZOOptimizer(torch.optim.Optimizer):
             if isinstance(seeds, (str, bytes)) or not isinstance(seeds, Iterable):
                 raise TypeError(f"estimate: seeds must be a sequence of ints, got "
                                 f"{type(seeds).__name__}")
-            seeds = [_check_seed(s, f"estimate: seeds[{i}]") for i, s in enumerate(seeds)]
+            seeds = [zo_kernels.check_seed(s, f"estimate: seeds[{i}]")
+                     for i, s in enumerate(seeds)]
             if not seeds:
                 raise ValueError("estimate: seeds must hold at least one seed")
         self._validate()
-        self._check_precision()
-        losses, grads, ok = self._spsa(closure, list(seeds), keep_last=False)
+        hypers = self._hypers()
+        self._check_precision(hypers)
+        if self._modes():
+            (losses, grads, _), _ = self._estimate_modes(self._flat(), hypers, closure,
+                                                         list(seeds), keep_last=False)
+        else:
+            losses, grads, _ = spsa_estimate(self._flat(), hypers, closure, list(seeds),
+                                             self._eps_ref(), process_group=self.process_group)
         grads = grads + [math.nan] * (len(seeds) - len(grads))
         return ZOEstimate(list(seeds), grads, sum(losses) / len(losses))
 
@@ -961,7 +656,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """
         if not hasattr(estimate, "seeds") or not hasattr(estimate, "projected_grads"):
             raise TypeError(f"apply_estimate: expected a ZOEstimate, got {type(estimate).__name__}")
-        seeds = [_check_seed(s, f"apply_estimate: seeds[{i}]")
+        seeds = [zo_kernels.check_seed(s, f"apply_estimate: seeds[{i}]")
                  for i, s in enumerate(estimate.seeds)]
         grads = [_real(g, f"apply_estimate: projected_grads[{i}]")
                  for i, g in enumerate(estimate.projected_grads)]
@@ -977,75 +672,6 @@ class ZOOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"Invalid lr = {lr!r}: lr * weight_decay of group {gi} >= 1")
         self._validate()
         ok = all(map(math.isfinite, grads))
-        if ok:
-            plans = {id(g): self._update_coeffs(g, grads, lr) for g in self.param_groups}
-            ok = all(abs(c) <= _FP32_MAX for cs, _ in plans.values() for c in cs)
-            if ok:
-                self._apply_groups(seeds, lambda g: plans[id(g)])
+        if ok:  # False when a coefficient is beyond float32: skipped, nothing applied
+            ok = apply_update(self._flat(), self._hypers(lr), seeds, grads, self._eps_ref())
         self._finish(ok, "projected gradient")
-
-
-# ------------------------------------------------------------------------------------------------
-# BatchNorm helpers
-# ------------------------------------------------------------------------------------------------
-def _stat_buffers(module: torch.nn.Module) -> list[torch.Tensor]:
-    bufs = []
-    for m in module.modules():
-        if isinstance(m, _NormBase) and m.track_running_stats:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                b = getattr(m, name, None)
-                if isinstance(b, torch.Tensor):
-                    bufs.append(b)
-    return bufs
-
-
-@contextlib.contextmanager
-def freeze_running_stats(module: torch.nn.Module):
-    """Context manager: the running statistics of every BatchNorm/InstanceNorm layer in ``module``
-    are the same on exit as on entry (bit for bit).
-
-    Forwards inside still normalize as the mode says (batch statistics in ``train()``, running
-    ones in ``eval()``); only the updates of ``running_mean``, ``running_var`` and
-    ``num_batches_tracked`` are undone on exit. It keeps a copy of those buffers (2 floats per
-    channel, not of the weights).
-    """
-    saved = [(b, b.detach().clone()) for b in _stat_buffers(module)]
-    try:
-        yield module
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                b.copy_(v)
-
-
-class running_stats_once:  # noqa: N801 - used like a function
-    """Wrap a closure so that only its first call updates BatchNorm running statistics.
-
-    ``ZOOptimizer.step`` calls the closure 2S times at perturbed weights; wrapped, the running
-    statistics get one momentum update per step (from the first forward, at ``w + eps*c*z_0``, an
-    O(eps) difference from the unperturbed weights) instead of 2S. Create one per step::
-
-        for x, y in loader:
-            opt.step(running_stats_once(model, lambda: loss_fn(model(x), y)))
-
-    Args:
-        module: the model (its BatchNorm/InstanceNorm layers with ``track_running_stats``).
-        closure: the zero-argument loss closure.
-    """
-
-    def __init__(self, module: torch.nn.Module, closure: Callable[[], torch.Tensor | float]):
-        if not isinstance(module, torch.nn.Module):
-            raise TypeError(f"running_stats_once: module must be a torch.nn.Module, got "
-                            f"{type(module).__name__}")
-        if not callable(closure):
-            raise TypeError(f"running_stats_once: closure must be callable, got {closure!r}")
-        self.module = module
-        self.closure = closure
-        self.calls = 0
-
-    def __call__(self):
-        self.calls += 1
-        if self.calls == 1:
-            return self.closure()
-        with freeze_running_stats(self.module):
-            return self.closure()

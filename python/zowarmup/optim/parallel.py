@@ -30,12 +30,12 @@ collective until the group's timeout, as with the data-parallel mode.
 """
 from __future__ import annotations
 
-import math
-import zlib
 from typing import Callable, Sequence
 
 import torch
 import torch.distributed as tdist
+
+from .distributed import _seeds_fingerprint, reduce_device
 
 __all__ = ["PARALLEL_MODES", "check_parallel", "owned", "gather_losses", "inplace_losses",
            "exact_losses"]
@@ -64,15 +64,6 @@ def owned(num: int, rank: int, world: int) -> list[int]:
     return list(range(rank, num, world))
 
 
-def _fingerprint(seeds: Sequence[int]) -> int:
-    return zlib.crc32(b"".join(int(s).to_bytes(8, "little") for s in seeds)) & 0xFFFFFFFF
-
-
-def _device(group, fallback: torch.device) -> torch.device:
-    backend = str(tdist.get_backend(group)).lower()
-    return torch.device("cpu") if ("gloo" in backend or "mpi" in backend) else fallback
-
-
 def gather_losses(own_values: Sequence[float], seeds: Sequence[int], group,
                   device: torch.device) -> list[float]:
     """All 2S losses, in direction order, from every rank's ``own_values`` (``L+``, ``L-`` of its
@@ -83,8 +74,8 @@ def gather_losses(own_values: Sequence[float], seeds: Sequence[int], group,
     world = tdist.get_world_size(group)
     S = len(seeds)
     per = -(-S // world)
-    buf = torch.zeros(2 + 2 * per, dtype=torch.float64, device=_device(group, device))
-    buf[0] = float(_fingerprint(seeds))
+    buf = torch.zeros(2 + 2 * per, dtype=torch.float64, device=reduce_device(group, device))
+    buf[0] = float(_seeds_fingerprint(seeds))
     buf[1] = float(len(own_values) // 2)
     if own_values:
         buf[2:2 + len(own_values)] = torch.tensor(list(own_values), dtype=torch.float64)
