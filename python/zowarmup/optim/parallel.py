@@ -30,6 +30,7 @@ collective until the group's timeout, as with the data-parallel mode.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
