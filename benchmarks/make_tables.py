@@ -348,10 +348,10 @@ def _comm_notes(rows: list[dict]) -> list[str]:
 
 def _exact_notes(rows: list[dict]) -> list[str]:
     return ["Peak RSS of one ZO estimate (S = 1) in a fresh process against one inference forward "
-            "of the same batch. `exact` probes the perturbed weights through one reused scratch "
-            "buffer the size of the largest parameter (stored weights untouched, bit-exact "
-            "agreement); `inplace` is ZOOptimizer's +eps/-2eps/+eps (a few ulp of drift); "
-            "`snapshot` copies every parameter."]
+            "of the same batch. `exact` makes the perturbed weights inside the forward, Linear "
+            "rows and Conv output channels in chunks of at most 4 MiB (stored weights untouched, "
+            "bit-exact agreement); `inplace` is ZOOptimizer's +eps/-2eps/+eps (a few ulp of "
+            "drift); `snapshot` copies every parameter."]
 
 
 def _cpu_variants_notes(rows: list[dict]) -> list[str]:
@@ -459,6 +459,70 @@ FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
         Col("x inference", "figures.ratio_to_inference", "{:.3f}")],
         notes=_exact_notes),
 }
+
+
+# -- issue 13: OPT-125m-shaped transformer (bench_transformer.py) and the LM example ----------------
+def _transformer_formatters() -> dict:
+    """Tables of ``transformer_memory``, ``transformer_step_time``, ``transformer_drift`` (CPU; the
+    ``*_gpu`` names are a lent GPU's run of the same script) and ``lm_zo_continue``."""
+    def mem_notes(rows):
+        return ["One step of each method against one inference forward of the same model and batch "
+                "(8 x 128 tokens, `labels=input_ids`: the loss and its logits included). CPU: peak "
+                "RSS in a fresh process per method (`peak MiB`), and the peak of the weights plus "
+                "every tensor an op created that is alive at once (`tensors`, "
+                "`zowarmup.memory.measure_peak`: no allocator or runtime noise); GPU: "
+                "`torch.cuda.max_memory_allocated`. "
+                "`exact` makes the perturbed weights inside the forward, in chunks of at most 4 "
+                "MiB (Linear/Embedding rows), never writing the stored ones."]
+
+    def time_notes(rows):
+        return ["Medians over interleaved repeats. `overhead` = step time / time of the 2S plain "
+                "forwards it must run, minus 1; `MeZO overhead` the same for the MeZO-style step "
+                "(per-parameter `torch.normal`, 4 passes per sample)."]
+
+    def drift_notes(rows):
+        return ["bfloat16 weights after 100 `ZOOptimizer.estimate` calls and no update: in place "
+                "(+eps, -2eps, +eps) the weights walk away; exact mode never writes them."]
+
+    def lm_notes(rows):
+        return ["Validation perplexity (bytes) as mean(std) over seeds; the plot is "
+                "`examples/results/lm_zo_continue.png`, every curve in "
+                "`examples/results/lm_zo_continue.json`."]
+
+    mem = column_table([
+        Col("dtype", "config.dtype"), Col("method", "config.label"),
+        Col("params", "config.n_params"), Col("peak MiB", "figures.peak_mib", "{:.1f}"),
+        Col("x inference", "figures.ratio_to_inference", "{:.3f}"),
+        Col("tensors MiB", "figures.tensor_peak_mib", "{:.1f}"),
+        Col("tensors x inference", "figures.tensor_ratio_to_inference", "{:.3f}"),
+        TARGET, RESULT],
+        notes=mem_notes)
+    step = column_table([
+        Col("dtype", "config.dtype"), Col("step", "config.label"), Col("S", "config.num_samples"),
+        Col("2S forwards ms", "figures.forwards_2S_s", ms), Col("step ms", "figures.step_s", ms),
+        Col("overhead", "figures.overhead", "{:.1%}"),
+        Col("MeZO step ms", "figures.mezo_step_s", ms),
+        Col("MeZO overhead", "figures.mezo_overhead", "{:.1%}"), TARGET, RESULT],
+        notes=time_notes)
+    drift = column_table([
+        Col("mode", "config.label"), Col("calls", "config.calls"), Col("batch", "config.batch"),
+        Col("max abs drift", "figures.max_abs_drift", "{:.3g}"),
+        Col("weights moved", "figures.moved_fraction", "{:.2%}"), TARGET, RESULT],
+        notes=drift_notes)
+    lm = column_table([
+        Col("continuation", "config.label"), Col("steps after pivot", "config.steps"),
+        Col("ppl at pivot", "figures.pivot_ppl"), Col("final ppl", "figures.final_ppl"),
+        Col("seeds", "figures.n_seeds")], notes=lm_notes)
+    return {"transformer_memory": mem, "transformer_memory_gpu": mem,
+            "transformer_step_time": step, "transformer_step_time_gpu": step,
+            "transformer_drift": drift, "transformer_drift_gpu": drift, "lm_zo_continue": lm}
+
+
+FORMATTERS.update(_transformer_formatters())
+RUN_HINTS.update({"transformer_memory": "python benchmarks/bench_transformer.py --parts memory",
+                  "transformer_step_time": "python benchmarks/bench_transformer.py --parts time",
+                  "transformer_drift": "python benchmarks/bench_transformer.py --parts drift",
+                  "lm_zo_continue": "python examples/lm_zo_continue.py"})
 
 #: Row keys that are bookkeeping, not figures, in the generic table.
 _META_KEYS = {"benchmark", "date", "machine", "command"}

@@ -9,8 +9,9 @@ and its growth over the RSS just before (glibc's mmap threshold is fixed at 128 
 children, so RSS follows the live tensors):
 
 - ``inference``: one forward of the batch under ``torch.no_grad()``;
-- ``exact``: ``zowarmup.optim.exact.exact_estimate`` with S seeds (2S forwards; each layer's
-  perturbed weight written into one reused scratch buffer, stored weights untouched);
+- ``exact``: ``zowarmup.optim.exact.exact_estimate`` with S seeds (2S forwards; every weight a
+  forward reads made perturbed on the fly, Linear rows / Conv output channels in chunks of at
+  most 4 MiB, stored weights untouched; ``scratch_mib`` is that chunk bound);
 - ``inplace``: ``ZOOptimizer.estimate`` with S seeds (in place +eps/-2eps/+eps; not bit-exact);
 - ``snapshot``: a copy of the parameters, ``ZOOptimizer.estimate``, restore (bit-exact).
 
@@ -106,7 +107,7 @@ print(json.dumps({"base_kb": base, "peak_kb": peak, "reset_peak": reset_ok, "sec
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 METHODS = [("inference", "inference forward"),
-           ("exact", "exact: scratch-buffer ZO estimate"),
+           ("exact", "exact: chunked on-the-fly ZO estimate"),
            ("inplace", "in place ZOOptimizer.estimate (not bit-exact)"),
            ("snapshot", "snapshot + in-place estimate + restore")]
 

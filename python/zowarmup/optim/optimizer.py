@@ -22,8 +22,10 @@ import torch
 
 import zo_kernels
 
-from . import distributed
+from . import distributed, parallel as _parallel
+from .exact_chunked import DEFAULT_CHUNK_BYTES
 from .functional import FlatParams, GroupHypers, apply_update, flat_params, spsa_estimate, zo_step
+from .modes import estimate_modes
 from .precision import warn_vanishing_perturbation
 from .state_checks import check_param_storage, check_zo_state_dict
 from ..seeds import SEED_SCHEME_VERSION, sample_seeds
@@ -264,6 +266,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         max_skips: ``None`` or an int ``>= 1``: raise after this many consecutive skipped steps.
         process_group: ``None`` (one process, the default) or a ``torch.distributed``
             ``ProcessGroup`` this process belongs to: data-parallel steps, see above. Keyword-only.
+        exact: keyword-only, default False. True: the perturbed forwards read
+            ``w +- eps*scale*z`` made on the fly in chunks (:mod:`.exact_chunked`); the stored
+            weights change only by the update (no restore rounding: bf16/fp16 weights do not
+            drift, ranks and restarts stay bit-identical).
+        exact_chunk_bytes: keyword-only; the bound of one weight chunk and one output chunk in
+            exact mode (default 4 MiB).
+        parallel: keyword-only, ``"data"`` (default: the ranks of ``process_group`` hold shards of
+            the batch) or ``"samples"`` (they evaluate the same batch and split the S directions:
+            one all_gather of 2 scalars per direction; :mod:`.parallel`).
+        data_group: keyword-only, with ``parallel="samples"``: the ranks that evaluate the same
+            directions on other shards of the batch (losses all-reduced over it first).
 
     Raises:
         ValueError: naming the argument, for lr < 0, eps <= 0, num_samples < 1, scale <= 0,
@@ -277,8 +290,24 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, eps: float = 1e-3, num_samples: int = 1,
                  dist: str = "rademacher", scale: float = 0.75, weight_decay: float = 0.0,
                  seed: int = 0, backend: str | None = None, *, max_skips: int | None = None,
-                 process_group=None):
+                 process_group=None, exact: bool = False,
+                 exact_chunk_bytes: int = DEFAULT_CHUNK_BYTES, parallel: str = "data",
+                 data_group=None):
         _check_hypers(lr, eps, scale, weight_decay)
+        if not isinstance(exact, bool):
+            raise ValueError(f"Invalid exact = {exact!r}: must be True or False")
+        if isinstance(exact_chunk_bytes, bool) or not isinstance(exact_chunk_bytes, int) \
+                or exact_chunk_bytes < 1:
+            raise ValueError(f"Invalid exact_chunk_bytes = {exact_chunk_bytes!r}: must be an int "
+                             ">= 1")
+        #: Exact mode: perturbed forwards read w + eps*c*z made on the fly (optim/exact_chunked.py);
+        #: the stored weights change only by the update.
+        self.exact = exact
+        self.exact_chunk_bytes = exact_chunk_bytes
+        #: "data" (ranks hold shards of the batch) or "samples" (ranks share the S directions).
+        self.parallel = _parallel.check_parallel(parallel, process_group, data_group)
+        #: With parallel="samples": the ranks holding the other shards for the same directions.
+        self.data_group = distributed.check_process_group(data_group)
         self.num_samples = _check_num_samples(num_samples)
         self.dist = _check_dist(dist)
         self.backend = _check_backend(backend)
@@ -304,7 +333,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __getstate__(self):
         state = super().__getstate__()
         state.update(num_samples=self.num_samples, dist=self.dist, backend=self.backend,
-                     max_skips=self.max_skips, zo_state=self.zo_state)
+                     max_skips=self.max_skips, zo_state=self.zo_state, exact=self.exact,
+                     exact_chunk_bytes=self.exact_chunk_bytes)
         return state
 
     def __setstate__(self, state):
@@ -315,6 +345,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.__dict__.setdefault("backend", None)
         self.__dict__.setdefault("max_skips", None)
         self.__dict__.setdefault("process_group", None)  # never pickled: a process-local handle
+        self.__dict__.setdefault("data_group", None)
+        self.__dict__.setdefault("exact", False)
+        self.__dict__.setdefault("exact_chunk_bytes", DEFAULT_CHUNK_BYTES)
+        self.__dict__["parallel"] = "data"  # a copy without its process group is one process
         self.__dict__.setdefault("zo_state", {"step": 0, "seed": 0})
         self.zo_state.setdefault("skipped_steps", 0)
         self.zo_state.setdefault("consecutive_skips", 0)
@@ -475,6 +509,18 @@ class ZOOptimizer(torch.optim.Optimizer):
                             _real(g["scale"], "scale"), _real(g["weight_decay"], "weight_decay"))
                 for g in self.param_groups]
 
+    def _modes(self) -> bool:
+        """Exact mode or perturbation-parallel ranks (:func:`.modes.estimate_modes`)."""
+        return self.exact or self.parallel == "samples"
+
+    def _estimate_modes(self, flat: FlatParams, hypers, closure, seeds, keep_last: bool):
+        return estimate_modes(flat, list(self._params()), hypers, closure, seeds,
+                              self._eps_ref(), exact=self.exact,
+                              chunk_bytes=self.exact_chunk_bytes,
+                              process_group=self.process_group,
+                              samples=self.parallel == "samples", data_group=self.data_group,
+                              keep_last=keep_last)
+
     def _flat(self) -> FlatParams:
         """The parameters as one flat noise vector, for the functional core."""
         return flat_params([g["params"] for g in self.param_groups], self.dist, self.backend)
@@ -534,8 +580,16 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._check_precision(hypers)
         seeds = self.sample_seeds()
         # an update too large for float32 is skipped like a non-finite loss
-        losses, _, ok = zo_step(self._flat(), hypers, closure, seeds, self._eps_ref(),
-                                process_group=self.process_group)
+        if self._modes():
+            flat, eps = self._flat(), self._eps_ref()
+            res, displaced = self._estimate_modes(flat, hypers, closure, seeds, keep_last=True)
+            losses, grads, ok = res
+            if ok:  # exact mode: nothing to restore, the update is the only write
+                ok = apply_update(flat, hypers, seeds, grads, eps,
+                                  restore_seed=seeds[-1] if displaced else None)
+        else:
+            losses, _, ok = zo_step(self._flat(), hypers, closure, seeds, self._eps_ref(),
+                                    process_group=self.process_group)
         self._finish(ok, "loss" if not all(map(math.isfinite, losses)) else "update")
         return sum(losses) / len(losses)
 
@@ -571,8 +625,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._validate()
         hypers = self._hypers()
         self._check_precision(hypers)
-        losses, grads, _ = spsa_estimate(self._flat(), hypers, closure, list(seeds),
-                                         self._eps_ref(), process_group=self.process_group)
+        if self._modes():
+            (losses, grads, _), _ = self._estimate_modes(self._flat(), hypers, closure,
+                                                         list(seeds), keep_last=False)
+        else:
+            losses, grads, _ = spsa_estimate(self._flat(), hypers, closure, list(seeds),
+                                             self._eps_ref(), process_group=self.process_group)
         grads = grads + [math.nan] * (len(seeds) - len(grads))
         return ZOEstimate(list(seeds), grads, sum(losses) / len(losses))
 
