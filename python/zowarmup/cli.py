@@ -65,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", "-o", metavar="DIR", default="sweeps")
     s.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep folder")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--jobs", "-j", type=int, default=1, help="runs trained at once (processes)")
     s.add_argument("grid", nargs="*", metavar="key=[v1,v2,...]")
 
     g = sub.add_parser("config", help="print the resolved, validated config as JSON")
@@ -98,11 +99,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from .federated import sweep as zsweep
             if args.resume:
-                zsweep.resume_sweep(args.resume, progress=not args.no_progress)
+                zsweep.resume_sweep(args.resume, progress=not args.no_progress, jobs=args.jobs)
                 return 0
             cfg = load_config(args.config, args.set)
             zsweep.run_sweep(cfg, zsweep.parse_grid(args.grid), out=args.out,
-                             validation=args.validation, progress=not args.no_progress)
+                             validation=args.validation, progress=not args.no_progress,
+                             jobs=args.jobs)
             return 0
         if args.command == "compare":
             from .federated.experiment import compare, format_table

@@ -74,9 +74,11 @@ def _point_config(base: RunConfig, point: dict, validation: float) -> RunConfig:
 
 def run_sweep(base: RunConfig, grid: dict[str, list], out: str | Path = "sweeps",
               validation: float = 0.2, sweep_dir: str | Path | None = None,
-              progress: bool = True, echo: Callable[[str], None] | None = print) -> Path:
+              progress: bool = True, echo: Callable[[str], None] | None = print,
+              jobs: int = 1) -> Path:
     """Run every grid point of ``grid`` on top of ``base`` (its ``method``, ``baselines`` and
     ``num_seeds``) with ``data.validation = validation``; write the table and ``best.json``.
+    ``jobs`` > 1 trains that many runs at once in worker processes (same results).
 
     Returns the sweep folder."""
     base = validate(base)
@@ -110,6 +112,11 @@ def run_sweep(base: RunConfig, grid: dict[str, list], out: str | Path = "sweeps"
         echo(f"sweep: {len(points)} points x {base.num_seeds} seeds x "
              f"{1 + len(base.baselines)} methods = {total} runs ({done} done), evaluated on "
              f"{100 * validation:g}% of the training data -> {sweep_dir}")
+    if jobs > 1:
+        from .parallel import run_jobs
+        todo = [(cfg.for_run(m, s), sweep_dir / f"point-{i}" / name)
+                for i, cfg in enumerate(cfgs) for m, s, name in plan_runs(cfg)]
+        run_jobs(todo, jobs, done=lambda rd, s: bar.update(1) if bar is not None else None)
     dataset = None
     for i, cfg in enumerate(cfgs):
         ed = sweep_dir / f"point-{i}"
@@ -146,7 +153,7 @@ def _counting(bar, echo):
 
 
 def resume_sweep(sweep_dir: str | Path, progress: bool = True,
-                 echo: Callable[[str], None] | None = print) -> Path:
+                 echo: Callable[[str], None] | None = print, jobs: int = 1) -> Path:
     """Finish an interrupted sweep folder with its saved base config and grid."""
     sweep_dir = Path(sweep_dir)
     p = sweep_dir / SWEEP
@@ -154,7 +161,7 @@ def resume_sweep(sweep_dir: str | Path, progress: bool = True,
         raise FileNotFoundError(f"{sweep_dir} is not a sweep folder (no {SWEEP})")
     meta = json.loads(p.read_text())
     return run_sweep(from_dict(meta["base"]), meta["grid"], validation=meta["validation"],
-                     sweep_dir=sweep_dir, progress=progress, echo=echo)
+                     sweep_dir=sweep_dir, progress=progress, echo=echo, jobs=jobs)
 
 
 def sweep_table(sweep_dir: str | Path) -> dict:
