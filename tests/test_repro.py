@@ -286,3 +286,14 @@ def test_sweep_selects_on_validation_and_writes_a_runnable_config(tmp_path, digi
     # resume: nothing to redo, same table
     S.resume_sweep(d, progress=False, echo=None)
     assert json.loads((d / "results.json").read_text()) == t
+
+
+def test_parallel_jobs_match_sequential_runs(tmp_path, digits):
+    from zowarmup.federated.parallel import run_jobs
+    cfgs = [tiny("rounds=2", "pivot=1", seed=s) for s in (0, 1)]
+    seq, par = {}, {}
+    run_jobs([(c, tmp_path / "a" / str(c.seed)) for c in cfgs], 1,
+             done=lambda rd, s: seq.__setitem__(rd[-1], s["final_checksum"]))
+    run_jobs([(c, tmp_path / "b" / str(c.seed)) for c in cfgs], 2,
+             done=lambda rd, s: par.__setitem__(rd[-1], s["final_checksum"]))
+    assert seq == par and len(seq) == 2
