@@ -35,6 +35,7 @@ BASE = REPO / "configs" / "repro_digits.toml"
 FONT = BENCH / "data" / "fontdigits.npz"
 DATA = {"digits": [], "fontdigits": ["data.name='npz'", f"data.root='{FONT}'"]}
 JOBS = 1
+PARTIAL = False
 ALL = ["zowarmup", "high_res_only", "zo_only", "fedkseed", "zowarmup_fedkseed", "heterofl"]
 
 #: table -> list of (cell label, data set, methods, overrides)
@@ -50,9 +51,11 @@ TABLES: dict[str, list] = {
          [f"data.hi_fraction={hi / 100}", "zo.clients_per_round=10"]))],
     # BatchNorm in ZO rounds (the paper does not say): CNN with BatchNorm. It chooses a default,
     # so it is evaluated on the validation split of the training data, not the test split.
-    "bn": [(f"bn_stats={m}", "digits", ["zowarmup"] + (["high_res_only"] if m == "frozen" else []),
+    # 60 rounds (pivot 24) instead of 100 to fit the compute.
+    "bn": [(f"bn_stats={m}", "digits", ["zowarmup"],
             ["model.name='cnn'", "model.norm='bn'", "model.options={widths=[8, 16, 32]}",
-             "zo.lr=0.1", "data.validation=0.2", f"zo.bn_stats='{m}'"])
+             "zo.lr=0.1", "data.validation=0.2", "rounds=60", "pivot=24", "eval_every=10",
+             f"zo.bn_stats='{m}'"])
            for m in ("frozen", "batch", "recompute")],
     # Table 3: local steps, one pass over the data per round split over the steps
     "table3": [(f"{k} step{'s' if k > 1 else ''}, c={c}", "digits", ["zowarmup"],
@@ -106,11 +109,15 @@ def run_cell(table: str, label: str, ds: str, methods: list, overrides: list, se
     slug = "".join(ch if ch.isalnum() else "_" for ch in label)
     ed = runs / table / slug
     t0 = time.perf_counter()
-    if JOBS > 1:
-        from zowarmup.federated.experiment import plan_runs
-        from zowarmup.federated.parallel import run_jobs
-        run_jobs([(cfg.for_run(m, s), ed / name) for m, s, name in plan_runs(cfg)], JOBS)
-    run_experiment(cfg, exp_dir=ed, echo=None, progress=False)
+    if PARTIAL:
+        if not ed.exists():
+            return None
+    else:
+        if JOBS > 1:
+            from zowarmup.federated.experiment import plan_runs
+            from zowarmup.federated.parallel import run_jobs
+            run_jobs([(cfg.for_run(m, s), ed / name) for m, s, name in plan_runs(cfg)], JOBS)
+        run_experiment(cfg, exp_dir=ed, echo=None, progress=False)
     from zowarmup.federated.federation import Federation
     fed = Federation(cfg.for_run(methods[0], cfg.seed), clients=False)
     nparams = count_parameters(fed.model)
@@ -119,18 +126,52 @@ def run_cell(table: str, label: str, ds: str, methods: list, overrides: list, se
         accs, curves = [], []
         for s in range(cfg.seed, cfg.seed + seeds):
             rd = ed / f"{m}-seed{s}"
+            if not (rd / "summary.json").exists():
+                continue  # --partial: a run that did not finish
             summ = json.loads((rd / "summary.json").read_text())
             accs.append(100 * summ["final_accuracy"])
             curves.append([(r["round"], r["accuracy"]) for r in
                            map(json.loads, (rd / "metrics.jsonl").read_text().splitlines())
                            if r["accuracy"] is not None])
             rounds = summ["rounds"]
+        if not accs:
+            continue
         res[m] = {"accuracies": accs, "mean": statistics.fmean(accs),
                   "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs),
                   "rounds": rounds, "curves": curves}
-    return {"config": {"table": table, "cell": label, "data": ds, "overrides": overrides,
+    if not res:
+        return None
+    return {"partial": PARTIAL, "config": {"table": table, "cell": label, "data": ds, "overrides": overrides,
                        "params": nparams, "folder": str(ed.relative_to(REPO)) if ed.is_relative_to(REPO) else str(ed)},
             "figures": res, "seconds": time.perf_counter() - t0}
+
+
+def _table_at_round(d: Path, rnd: int) -> dict:
+    """A sweep table scored by the validation accuracy each run had at round ``rnd`` (for a sweep
+    stopped before its runs finished)."""
+    from zowarmup.federated.sweep import grid_points
+    meta = json.loads((d / "sweep.json").read_text())
+    method = meta["base"]["method"]
+    rows = []
+    for i, point in enumerate(grid_points(meta["grid"])):
+        accs = []
+        for rd in sorted((d / f"point-{i}").glob(f"{method}-seed*")):
+            for line in (rd / "metrics.jsonl").read_text().splitlines():
+                r = json.loads(line)
+                if r["round"] == rnd and r["accuracy"] is not None:
+                    accs.append(100 * r["accuracy"])
+        cells = {method: {"mean": statistics.fmean(accs), "n": len(accs),
+                          "std": statistics.stdev(accs) if len(accs) > 1 else 0.0}} if accs else {}
+        rows.append({"point": point, "results": cells})
+    scored = [(r["results"][method]["mean"], -i) for i, r in enumerate(rows) if r["results"]]
+    best = None
+    if scored:
+        i = -max(scored)[1]
+        best = {"index": i, **rows[i]}
+    return {"metric": f"validation accuracy (%) at round {rnd} of {meta['base']['rounds']} (the "
+                      "sweep was stopped there for time), mean(std) over seeds",
+            "method": method, "validation": meta["validation"], "grid": meta["grid"], "rows": rows,
+            "best": best}
 
 
 def main(argv=None):
@@ -144,16 +185,23 @@ def main(argv=None):
     ap.add_argument("--jobs", "-j", type=int, default=1, help="runs of a cell trained at once")
     ap.add_argument("--collect", metavar="SWEEP_DIR", action="append", default=[],
                     help="copy a finished zowarmup sweep's table to results/repro_sweep_<method>.json")
+    ap.add_argument("--partial", action="store_true",
+                    help="train nothing: collect the finished runs of each cell (cells show n)")
+    ap.add_argument("--at-round", type=int, default=None,
+                    help="with --collect: score an unfinished sweep by the validation accuracy "
+                         "evaluated at this round (the table says so)")
     a = ap.parse_args(argv)
-    global JOBS
-    JOBS = a.jobs
+    global JOBS, PARTIAL
+    JOBS, PARTIAL = a.jobs, a.partial
     for d in a.collect:
         from zowarmup.federated.sweep import sweep_table
-        t = sweep_table(d)
+        t = sweep_table(d) if a.at_round is None else _table_at_round(Path(d), a.at_round)
         meta = json.loads((Path(d) / "sweep.json").read_text())
         grid = " ".join(shlex.quote(f"{k}={json.dumps(v)}") for k, v in meta["grid"].items())
+        cpr = meta["base"]["zo"]["clients_per_round"]
         t["command"] = (f"zowarmup sweep -c {BASE.relative_to(REPO)} --set method={t['method']} "
-                        f"--set baselines=[] {grid} --validation {meta['validation']}")
+                        f"--set baselines=[] " + (f"--set zo.clients_per_round={cpr} " if cpr else "")
+                        + f"{grid} --validation {meta['validation']}")
         t["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         (RESULTS_DIR / f"repro_sweep_{t['method']}.json").write_text(json.dumps(t, indent=1) + "\n")
         print(f"{d}: best {t['best']['point'] if t['best'] else None}")
@@ -174,6 +222,8 @@ def main(argv=None):
                 continue
             print(f"[{time.strftime('%H:%M:%S')}] {t}: {label} ...", flush=True)
             row = run_cell(t, label, ds, methods, overrides, a.seeds, Path(a.runs), a.set)
+            if row is None:
+                continue
             row["command"] = "python benchmarks/repro.py " + shlex.join(sys.argv[1:] if argv is None else argv)
             rows.append(row)
             print("   " + ", ".join(f"{m} {v['mean']:.1f}({v['std']:.1f})"
