@@ -8,7 +8,8 @@ loops, sampling or transport.
 - :meth:`Client.fit_warmup`: WeightsMessage (global state) -> WeightsMessage (state after local SGD).
 - :meth:`Client.fit_zo`: SeedsMessage -> GradsMessage. The model must hold the round's global
   weights. One ZO step per local step on the whole local dataset (loss in micro-batches under
-  ``torch.no_grad``, model in eval mode so BatchNorm uses, and never updates, its running stats).
+  ``torch.no_grad``; BatchNorm as ``zo.bn_stats`` says (default ``batch``: the batch's statistics,
+  running statistics never updated; ``frozen``: the running statistics; :mod:`.bn`).
 - :meth:`Client.fit_kseed`: KSeedTask -> KSeedUpdate (FedKSeed local steps over the seed pool).
 - :meth:`Client.apply_broadcast`: BroadcastMessage -> model updated in place with ``apply_seeds_``.
 

@@ -170,29 +170,18 @@ class ZOConfig:
             ``local_steps`` near-equal chunks of a per-round shuffle (derived from run seed, round
             and client).
         bn_stats: BatchNorm statistics during ZO rounds (models with BatchNorm only; the paper
-            does not say). ``frozen``: clients evaluate in eval mode, so the running statistics
-            stay at their warm-up values for every ZO round. ``batch``: the L+/L- forwards
-            normalize with the statistics of each micro-batch of the client's data (train-mode
-            BatchNorm, running statistics untouched), so the server's model keeps the warm-up
-            statistics for evaluation. ``recompute`` (the default, chosen by the ablation in
-            docs/reproduction.md): every participating client also returns the BatchNorm
-            statistics of its data under the round's global weights (a plain train-mode pass,
-            ``2 * channels`` floats per layer, counted in the upload) and the server replaces
-            its running statistics with their sample-weighted average, as FedAvg does for
-            buffers in the warm-up. Embedded runner only (a deployment would need a new message
-            field).
-        sync: how non-sampled clients stay current: ``broadcast`` (every round's (seed, coeff)
-            list goes to all N clients; at the pivot every client downloads the weights once) or
-            ``lazy`` (a sampled client catches up when sampled, by replaying the seed log or by a
-            weights download, whichever is smaller).
-        backend: kernel backend for ``zo_kernels`` (``auto`` picks per device).
-        exact: exact evaluation mode: clients evaluate ``w +- eps c z`` in a scratch buffer the
-            size of the largest layer and never write their stored weights, so a client that
-            keeps its model between rounds stays bit-identical to the server
-            (``zowarmup.optim.exact``). Changes the projected gradients in the last bits
-            (L- at ``fl(w - eps c z)`` instead of the in-place ``fl(fl(w + eps c z) - 2 eps c z)``).
-            Default false: the in-place step (the embedded runner reloads every client's model
-            from the server, so it needs no exactness; deployments use snapshot or this).
+            does not say). ``batch`` (the default, chosen by the ablation in
+            docs/reproduction.md): the L+/L- forwards normalize with the statistics of each
+            micro-batch of the client's data (train-mode BatchNorm, running statistics untouched);
+            nothing changes in the protocol. ``frozen``: clients evaluate in eval mode, so the
+            running statistics stay at their warm-up values for every ZO round (the project's
+            behaviour before issue 12; in the ablation it let ZO rounds lose accuracy).
+            ``recompute``: every participating client also returns the BatchNorm statistics of its
+            data under the round's global weights (``2 * channels`` floats per layer, counted in
+            the upload) and the server replaces its running statistics with their sample-weighted
+            average, as FedAvg does for buffers in the warm-up. Embedded runner only (a
+            deployment would need a new message field). The server evaluates in eval mode with
+            its running statistics in every mode.
     """
     num_seeds: int = 20
     eps: float = 1e-3
@@ -209,7 +198,7 @@ class ZOConfig:
     micro_batch: int = 256
     clients_per_round: int = 0
     epoch_split: bool = False
-    bn_stats: str = "frozen"
+    bn_stats: str = "batch"
     sync: str = "broadcast"
     backend: str = "auto"
     exact: bool = False
