@@ -239,7 +239,7 @@ def test_fedkseed_aggregation_matches_reference(digits):
     expect = [b.double().clone() for b in before]
     for idx in np.flatnonzero(acc):
         coef = -k.lr * k.scale * acc[idx]
-        for e, z in zip(expect, _noise_like(before, int(server.pool[idx]))):
+        for e, z in zip(expect, _noise_like(before, int(server.pool[idx]), k.dist)):
             e += coef * z.double()
     for p, e in zip(server.model.parameters(), expect):
         torch.testing.assert_close(p.detach().double(), e, atol=1e-6, rtol=0)

@@ -6,6 +6,8 @@
     zowarmup run --resume DIR          # an experiment folder or a single run folder
     zowarmup compare RUN_DIRS...       # mean(std) table over seeds (run or experiment folders)
     zowarmup config [--config FILE] [key=value ...]   # print the resolved, validated config
+    zowarmup sweep [--config FILE] key=[v1,v2] ... [--set key=value] [--validation 0.2]
+    zowarmup sweep --resume DIR        # grid search on a validation split (federated/sweep.py)
 
 ``zowarmup`` with no sub-command means ``run``; ``python -m zowarmup`` is the same program. With no
 arguments it trains the offline default (scikit-learn digits, 50 clients, Dirichlet alpha 0.1,
@@ -21,7 +23,7 @@ import os
 import sys
 from pathlib import Path
 
-_COMMANDS = ("run", "compare", "config")
+_COMMANDS = ("run", "compare", "config", "sweep")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="zowarmup",
         description="ZOWarmUp federated training: warm-up on high-resource clients, then "
                     "seed-only zeroth-order rounds for every client.")
-    sub = p.add_subparsers(dest="command", metavar="{run,compare,config}")
+    sub = p.add_subparsers(dest="command", metavar="{run,compare,config,sweep}")
 
     r = sub.add_parser("run", help="train a method beside its baselines and compare (default)",
                        description="Train cfg.method and cfg.baselines over cfg.num_seeds seeds, "
@@ -50,6 +52,22 @@ def _parser() -> argparse.ArgumentParser:
                                    "test accuracy as mean(std) over seeds per method and setting.")
     c.add_argument("dirs", nargs="+", metavar="RUN_DIR")
     c.add_argument("--json", action="store_true", help="print the table as JSON")
+
+    s = sub.add_parser("sweep", help="grid search, selected on a validation split of the training data",
+                       description="Run every combination of the key=[v1,v2,...] axes on top of "
+                                   "the config, each over cfg.num_seeds seeds, evaluated on a "
+                                   "stratified split of the training data (never the test set); "
+                                   "write the mean(std) table and best.json for zowarmup run -c.")
+    s.add_argument("--config", "-c", metavar="FILE")
+    s.add_argument("--set", action="append", default=[], metavar="key=value",
+                   help="a fixed override (repeatable)")
+    s.add_argument("--validation", type=float, default=0.2,
+                   help="fraction of each class of the training data held out (default 0.2)")
+    s.add_argument("--out", "-o", metavar="DIR", default="sweeps")
+    s.add_argument("--resume", metavar="DIR", help="continue an interrupted sweep folder")
+    s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--jobs", "-j", type=int, default=1, help="runs trained at once (processes)")
+    s.add_argument("grid", nargs="*", metavar="key=[v1,v2,...]")
 
     g = sub.add_parser("config", help="print the resolved, validated config as JSON")
     g.add_argument("--config", "-c", metavar="FILE")
@@ -79,6 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "config":
             cfg = load_config(args.config, args.overrides)
             print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        if args.command == "sweep":
+            from .federated import sweep as zsweep
+            if args.resume:
+                zsweep.resume_sweep(args.resume, progress=not args.no_progress, jobs=args.jobs)
+                return 0
+            cfg = load_config(args.config, args.set)
+            zsweep.run_sweep(cfg, zsweep.parse_grid(args.grid), out=args.out,
+                             validation=args.validation, progress=not args.no_progress,
+                             jobs=args.jobs)
             return 0
         if args.command == "compare":
             from .federated.experiment import compare, format_table

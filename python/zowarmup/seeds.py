@@ -58,6 +58,10 @@ TAG_KSEED_BATCH = 0x4B2
 #: the server's ZO seeds of a round, and FedKSeed's seed pool.
 TAG_ZO_SEEDS = 0x2E0
 TAG_POOL = 0x9001
+#: a client's per-round shuffle when ``zo.epoch_split`` splits one pass over the steps.
+TAG_ZO_SPLIT = 0x2E1
+#: the validation split ``zowarmup sweep`` carves from the training data.
+TAG_VAL_SPLIT = 0x5E2
 
 #: Version of the derivation scheme documented above (recorded in optimizer checkpoints).
 SEED_SCHEME_VERSION = 1

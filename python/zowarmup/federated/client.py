@@ -8,7 +8,8 @@ loops, sampling or transport.
 - :meth:`Client.fit_warmup`: WeightsMessage (global state) -> WeightsMessage (state after local SGD).
 - :meth:`Client.fit_zo`: SeedsMessage -> GradsMessage. The model must hold the round's global
   weights. One ZO step per local step on the whole local dataset (loss in micro-batches under
-  ``torch.no_grad``, model in eval mode so BatchNorm uses, and never updates, its running stats).
+  ``torch.no_grad``; BatchNorm as ``zo.bn_stats`` says (default ``batch``: the batch's statistics,
+  running statistics never updated; ``frozen``: the running statistics; :mod:`.bn`).
 - :meth:`Client.fit_kseed`: KSeedTask -> KSeedUpdate (FedKSeed local steps over the seed pool).
 - :meth:`Client.apply_broadcast`: BroadcastMessage -> model updated in place with ``apply_seeds_``.
 
@@ -38,7 +39,8 @@ import zo_kernels
 from ..optim import ZOOptimizer
 from ..optim.exact import ScratchPerturbation, exact_estimate
 from ..optim.functional import update_coeff, update_coeffs
-from ..seeds import derive_seed, TAG_SGD, TAG_KSEED_INDEX, TAG_KSEED_BATCH
+from ..seeds import derive_seed, TAG_SGD, TAG_KSEED_INDEX, TAG_KSEED_BATCH, TAG_ZO_SPLIT
+from .bn import bn_mode
 from .config import KSeedConfig, WarmupConfig, ZOConfig
 from .messages import (BroadcastMessage, GradsMessage, KSeedTask, KSeedUpdate, SeedsMessage,
                        WeightsMessage)
@@ -135,9 +137,11 @@ class Client:
         return WeightsMessage(msg.round, layout.flatten(model), self.num_samples)
 
     # -- phase 2: ZO -----------------------------------------------------------------------------
-    def _optimizer(self, model: nn.Module, lr: float, scale: float, num_samples: int):
-        return ZOOptimizer(list(model.parameters()), lr=lr, eps=self.zo.eps,
-                           num_samples=num_samples, dist=self.zo.dist, scale=scale,
+    def _optimizer(self, model: nn.Module, lr: float, scale: float, num_samples: int,
+                   eps: float | None = None, dist: str | None = None):
+        return ZOOptimizer(list(model.parameters()), lr=lr,
+                           eps=self.zo.eps if eps is None else eps, num_samples=num_samples,
+                           dist=self.zo.dist if dist is None else dist, scale=scale,
                            backend=self.zo.backend)
 
     def fit_zo(self, model: nn.Module, msg: SeedsMessage, snapshot: bool = False,
@@ -171,17 +175,36 @@ class Client:
         exact = self.zo.exact if exact is None else bool(exact)
         steps, S = msg.steps, msg.per_step
         seeds = [int(s) for s in msg.seeds]
-        model.eval()
-        x, y, mb = self.x, self.y, self.zo.micro_batch
+        mb = self.zo.micro_batch
+        chunks = self._step_data(msg.round, steps)
+        cur = [0]  # the local step whose data the closure reads
 
         def closure():
-            return dataset_loss(model, x, y, mb)
+            xs, ys = chunks[cur[0]]
+            return dataset_loss(model, xs, ys, mb)
+
+        with bn_mode(model, self.zo.bn_stats):
+            return self._fit_zo(model, msg, closure, cur, steps, S, seeds, snapshot, exact)
+
+    def _step_data(self, round_idx: int, steps: int) -> list:
+        """(x, y) each local step evaluates: the whole local data for every step, or with
+        ``zo.epoch_split`` the k-th of ``steps`` near-equal chunks of a shuffle derived from
+        (run seed, round, client), so one round is one pass over the data (Table 3)."""
+        if not self.zo.epoch_split or steps == 1:
+            return [(self.x, self.y)] * steps
+        gen = torch.Generator().manual_seed(
+            derive_seed(self.run_seed, TAG_ZO_SPLIT, round_idx, self.cid) >> 1)
+        perm = torch.randperm(self.num_samples, generator=gen).to(self.x.device)
+        return [(self.x[p], self.y[p]) for p in torch.tensor_split(perm, steps)]
+
+    def _fit_zo(self, model, msg, closure, cur, steps, S, seeds, snapshot, exact) -> GradsMessage:
 
         grads: list[float] = []
         if exact:
             sp = ScratchPerturbation(model, self.zo.dist, self.zo.backend)
             pre: list = []
             for k in range(steps):
+                cur[0] = k
                 ks = seeds[k * S:(k + 1) * S]
                 g, _ = exact_estimate(model, closure, ks, self.zo.eps, self.zo.scale,
                                       self.zo.dist, self.zo.backend, pre, sp)
@@ -197,6 +220,7 @@ class Client:
         opt = self._optimizer(model, self.zo.lr, self.zo.scale, S)
         try:
             for k in range(steps):
+                cur[0] = k
                 ks = seeds[k * S:(k + 1) * S]
                 est = opt.estimate(closure, seeds=ks)
                 g = [float(v) for v in est.projected_grads]
@@ -216,7 +240,9 @@ class Client:
     def fit_kseed(self, model: nn.Module, msg: KSeedTask, snapshot: bool = False) -> KSeedUpdate:
         """FedKSeed local training: ``msg.steps`` ZO steps, each along one seed of the pool.
 
-        Step t uses pool index ``derive_seed(run_seed, TAG, round, cid, t) % K`` and a mini-batch of
+        Noise, eps, lr and c are FedKSeed's own (``fedkseed.dist/eps/lr/scale``). Step t uses pool
+        index ``derive_seed(run_seed, TAG, round, cid, t) % K`` (uniform over the pool up to a
+        2^-64-relative bias) and a mini-batch of
         ``kseed.batch_size`` samples (0 = all), updates the local model by ``-lr * c * g`` and adds
         g to that index's accumulator. Returns the (index, accumulated g) pairs, indices ascending.
         """
@@ -226,7 +252,7 @@ class Client:
         K = len(self.pool)
         params = list(model.parameters())
         saved = [p.detach().clone() for p in params] if snapshot else None
-        opt = self._optimizer(model, cfg.lr, cfg.scale, 1)
+        opt = self._optimizer(model, cfg.lr, cfg.scale, 1, eps=cfg.eps, dist=cfg.dist)
         model.eval()
         n, mb = self.num_samples, self.zo.micro_batch
         acc: dict[int, float] = {}

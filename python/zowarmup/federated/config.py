@@ -59,6 +59,7 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 DEVICES = ("auto", "cpu", "cuda")
 SEED_SHARING = ("shared", "per_client")
 SYNC_MODES = ("broadcast", "lazy")
+BN_STATS = ("frozen", "batch", "recompute")
 
 _MAX_SEED = 2 ** 63 - 1
 
@@ -78,12 +79,17 @@ class DataConfig:
         alpha: Dirichlet concentration of the label split (smaller = more skewed), > 0.
         hi_fraction: share of high-resource clients, in [0, 1] (0.1 = the paper's 10/90 split);
             exactly ``round(hi_fraction * N)`` clients are high-resource.
+        validation: fraction of every class of the *training* data held out as the evaluation
+            set (0 = evaluate on the test split). ``zowarmup sweep`` sets it, so that choosing
+            hyper-parameters never sees the test split; the held-out part is the same for every
+            seed (``stratified_split`` with seed ``TAG_VAL_SPLIT``) and no client holds it.
     """
     name: str = "digits"
     root: str | None = None
     num_clients: int = 50
     alpha: float = 0.1
     hi_fraction: float = 0.1
+    validation: float = 0.0
 
 
 @dataclass
@@ -143,7 +149,8 @@ class ZOConfig:
     Attributes:
         num_seeds: S, seeds (perturbation directions) per ZO step.
         eps: finite-difference step (MeZO: 1e-3); the perturbation is ``eps * scale * z``.
-        scale: Rademacher magnitude c (paper: 0.75 for one local step; 0.25/0.1/0.01 for more).
+        scale: noise magnitude c, in (0, 1] as in the paper (0.75 for one local step, Table 3:
+            0.25 / 0.1 / 0.01 for 2 / 4 / 6 local steps).
         lr: ZO learning rate.
         dist: ``rademacher`` (paper's choice) or ``gaussian`` (the ablation).
         local_steps: ZO steps per client per round (paper's default 1; each uses S fresh seeds).
@@ -153,19 +160,28 @@ class ZOConfig:
             download weights every round, and the accounting counts that).
         server_lr, beta1, beta2, tau: server optimizer settings for phase 2.
         micro_batch: samples per forward when a client evaluates its loss on all its data.
-        clients_per_round: clients sampled per ZO round (capped at N); 0 = all N.
-        sync: how non-sampled clients stay current: ``broadcast`` (every round's (seed, coeff)
-            list goes to all N clients; at the pivot every client downloads the weights once) or
-            ``lazy`` (a sampled client catches up when sampled, by replaying the seed log or by a
-            weights download, whichever is smaller).
-        backend: kernel backend for ``zo_kernels`` (``auto`` picks per device).
-        exact: exact evaluation mode: clients evaluate ``w +- eps c z`` in a scratch buffer the
-            size of the largest layer and never write their stored weights, so a client that
-            keeps its model between rounds stays bit-identical to the server
-            (``zowarmup.optim.exact``). Changes the projected gradients in the last bits
-            (L- at ``fl(w - eps c z)`` instead of the in-place ``fl(fl(w + eps c z) - 2 eps c z)``).
-            Default false: the in-place step (the embedded runner reloads every client's model
-            from the server, so it needs no exactness; deployments use snapshot or this).
+        clients_per_round: clients sampled per ZO round (capped at N); 0 = all N, the paper's
+            protocol (A.5: every client takes part in every ZO round) and the default. Sampling
+            fewer is a departure for speed, not the paper's method.
+        epoch_split: false (default, the paper's main setting): every local step evaluates the
+            loss on the whole local data set. true (Table 3's local-steps rows): one round is one
+            pass over the local data split over the ``local_steps`` steps (effective batch
+            900/450/225/150 for 1/2/4/6 steps in the paper): step k uses the k-th of
+            ``local_steps`` near-equal chunks of a per-round shuffle (derived from run seed, round
+            and client).
+        bn_stats: BatchNorm statistics during ZO rounds (models with BatchNorm only; the paper
+            does not say). ``batch`` (the default, chosen by the ablation in
+            docs/reproduction.md): the L+/L- forwards normalize with the statistics of each
+            micro-batch of the client's data (train-mode BatchNorm, running statistics untouched);
+            nothing changes in the protocol. ``frozen``: clients evaluate in eval mode, so the
+            running statistics stay at their warm-up values for every ZO round (the project's
+            behaviour before issue 12; in the ablation it let ZO rounds lose accuracy).
+            ``recompute``: every participating client also returns the BatchNorm statistics of its
+            data under the round's global weights (``2 * channels`` floats per layer, counted in
+            the upload) and the server replaces its running statistics with their sample-weighted
+            average, as FedAvg does for buffers in the warm-up. Embedded runner only (a
+            deployment would need a new message field). The server evaluates in eval mode with
+            its running statistics in every mode.
     """
     num_seeds: int = 20
     eps: float = 1e-3
@@ -180,7 +196,9 @@ class ZOConfig:
     beta2: float = 0.99
     tau: float = 1e-3
     micro_batch: int = 256
-    clients_per_round: int = 20
+    clients_per_round: int = 0
+    epoch_split: bool = False
+    bn_stats: str = "batch"
     sync: str = "broadcast"
     backend: str = "auto"
     exact: bool = False
@@ -188,25 +206,66 @@ class ZOConfig:
 
 @dataclass
 class KSeedConfig:
-    """FedKSeed (Qin et al. 2024): a shared pool of K seeds, several local ZO steps per client.
+    """FedKSeed (Qin et al. 2024): a finite pool of K seeds, several local ZO steps per client.
 
-    Each local step picks a seed from the pool, estimates one projected gradient on a mini-batch,
-    updates the local model and adds the scalar to that seed's accumulator; the client uploads its
-    (index, accumulated scalar) pairs and the server broadcasts the weighted sums per seed.
-    Uses ``zo.eps``, ``zo.dist``, ``zo.micro_batch``, ``zo.clients_per_round``, ``zo.sync``.
+    Each local step draws one seed uniformly from the pool, estimates one projected gradient on a
+    mini-batch with unscaled Gaussian noise (``scale = 1``, ``dist = "gaussian"``: FedKSeed's
+    MeZO-style step), updates the local model and adds the scalar to that seed's accumulator; the
+    client uploads its (index, accumulated scalar) pairs and the server broadcasts the weighted
+    sums per seed. Its noise, eps, lr and steps are its own (not ``zo.*``); it shares
+    ``zo.micro_batch``, ``zo.clients_per_round``, ``zo.sync`` and ``zo.server_lr``.
+
+    ``fedkseed`` (from a random init) runs ``local_steps`` steps of ``batch_size`` samples per
+    round; ``zowarmup_fedkseed`` (Table 2: FedKSeed as ZOWarmUp's phase 2) runs
+    ``after_warmup_steps`` steps of ``after_warmup_batch_size`` samples (default: one step on the
+    whole local data, as ZOWarmUp's own step).
 
     Attributes:
-        pool_size: K, seeds in the shared pool.
-        local_steps: ZO steps per client per round.
-        lr: local ZO learning rate.
-        scale: noise magnitude c for these steps.
-        batch_size: samples per local step; 0 = the whole local data set.
+        pool_size: K, seeds in the shared pool (FedKSeed's candidate seeds; 1024 here).
+        local_steps: ZO steps per client per round for ``fedkseed`` ("many": FedKSeed's point is
+            several cheap local steps).
+        lr: local ZO learning rate (tuned by ``zowarmup sweep`` on digits' validation split).
+        scale: noise magnitude c (1.0 = unscaled, FedKSeed).
+        eps: finite-difference step (MeZO's 1e-3, on which FedKSeed's step is built).
+        dist: ``gaussian`` (FedKSeed) or ``rademacher``.
+        batch_size: samples per local step for ``fedkseed``; 0 = the whole local data set.
+        after_warmup_steps: local steps per round for ``zowarmup_fedkseed`` (Table 2: 1).
+        after_warmup_batch_size: samples per step for ``zowarmup_fedkseed``; 0 = whole local data.
     """
     pool_size: int = 1024
-    local_steps: int = 10
+    local_steps: int = 20
     lr: float = 0.02
-    scale: float = 0.25
+    scale: float = 1.0
+    eps: float = 1e-3
+    dist: str = "gaussian"
     batch_size: int = 16
+    after_warmup_steps: int = 1
+    after_warmup_batch_size: int = 0
+
+    def for_method(self, method: str) -> "KSeedConfig":
+        """The settings a run of ``method`` uses: ``zowarmup_fedkseed`` takes its
+        ``after_warmup_*`` steps and batch size; other methods these settings as they are."""
+        if method == "zowarmup_fedkseed":
+            return dataclasses.replace(self, local_steps=self.after_warmup_steps,
+                                       batch_size=self.after_warmup_batch_size)
+        return self
+
+
+@dataclass
+class HeteroFLConfig:
+    """HeteroFL (Diao et al. 2021), the Table 2 baseline; local SGD uses the ``warmup`` section's
+    client settings (lr, momentum, weight decay, epochs, batch size).
+
+    Attributes:
+        lo_rate: width rate of low-resource clients' sub-networks (paper section 4.1: half width).
+        budget_rounds: rounds the communication budget buys at ``budget_hi_fraction``
+            (0 = ``rounds``).
+        budget_hi_fraction: the high-resource share the budget is set at; a larger share costs
+            more per round, so a run gets fewer rounds (methods/heterofl.py).
+    """
+    lo_rate: float = 0.5
+    budget_rounds: int = 0
+    budget_hi_fraction: float = 0.1
 
 
 @dataclass
@@ -252,6 +311,7 @@ class RunConfig:
     warmup: WarmupConfig = field(default_factory=WarmupConfig)
     zo: ZOConfig = field(default_factory=ZOConfig)
     fedkseed: KSeedConfig = field(default_factory=KSeedConfig)
+    heterofl: HeteroFLConfig = field(default_factory=HeteroFLConfig)
 
     # -- helpers -------------------------------------------------------------------------------
     def effective_pivot(self) -> int:
@@ -271,12 +331,15 @@ class RunConfig:
         ``num_seeds = 1``, and the effective pivot written out."""
         c = copy.deepcopy(self)
         c.method, c.seed, c.baselines, c.num_seeds = method, int(seed), [], 1
+        m = _methods.get(method)
+        if m.rounds is not None:
+            c.rounds = m.rounds(c)
         c.pivot = c.effective_pivot()
         return c
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "warmup": WarmupConfig, "zo": ZOConfig,
-             "fedkseed": KSeedConfig}
+             "fedkseed": KSeedConfig, "heterofl": HeteroFLConfig}
 
 
 def _field_names(cls) -> list[str]:
@@ -470,6 +533,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     _int("data.num_clients", d.num_clients, 1)
     _real("data.alpha", d.alpha, 0, None, lo_open=True)
     _real("data.hi_fraction", d.hi_fraction, 0.0, 1.0)
+    _real("data.validation", d.validation, 0.0, 1.0, hi_open=True)
 
     m = cfg.model
     _choice("model.name", m.name, MODELS)
@@ -499,7 +563,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     z = cfg.zo
     _int("zo.num_seeds", z.num_seeds, 1, 1 << 20)
     _real("zo.eps", z.eps, 0, None, lo_open=True)
-    _real("zo.scale", z.scale, 0, None, lo_open=True)
+    _real("zo.scale", z.scale, 0, 1, lo_open=True)
     _real("zo.lr", z.lr, 0, None, lo_open=True)
     _choice("zo.dist", z.dist, DISTS)
     _int("zo.local_steps", z.local_steps, 1, 1 << 16)
@@ -511,8 +575,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     _real("zo.tau", z.tau, 0, None, lo_open=True)
     _int("zo.micro_batch", z.micro_batch, 1)
     _int("zo.clients_per_round", z.clients_per_round, 0)
+    _choice("zo.bn_stats", z.bn_stats, BN_STATS)
     _choice("zo.sync", z.sync, SYNC_MODES)
     _choice("zo.backend", z.backend, BACKENDS)
+    if not isinstance(z.epoch_split, bool):
+        raise ConfigError(f"invalid value {z.epoch_split!r} for 'zo.epoch_split'; allowed values: "
+                          "true, false")
     if not isinstance(z.exact, bool):
         raise ConfigError(f"invalid value {z.exact!r} for 'zo.exact'; allowed values: true, false")
 
@@ -520,8 +588,20 @@ def validate(cfg: RunConfig) -> RunConfig:
     _int("fedkseed.pool_size", k.pool_size, 1, 1 << 32)
     _int("fedkseed.local_steps", k.local_steps, 1, 1 << 16)
     _real("fedkseed.lr", k.lr, 0, None, lo_open=True)
-    _real("fedkseed.scale", k.scale, 0, None, lo_open=True)
+    _real("fedkseed.scale", k.scale, 0, 1, lo_open=True)
+    _real("fedkseed.eps", k.eps, 0, None, lo_open=True)
+    _choice("fedkseed.dist", k.dist, DISTS)
     _int("fedkseed.batch_size", k.batch_size, 0)
+    _int("fedkseed.after_warmup_steps", k.after_warmup_steps, 1, 1 << 16)
+    _int("fedkseed.after_warmup_batch_size", k.after_warmup_batch_size, 0)
+
+    h = cfg.heterofl
+    _real("heterofl.lo_rate", h.lo_rate, 0, 1, lo_open=True)
+    _int("heterofl.budget_rounds", h.budget_rounds, 0)
+    _real("heterofl.budget_hi_fraction", h.budget_hi_fraction, 0.0, 1.0)
+    if "heterofl" in [cfg.method] + list(cfg.baselines) and m.name not in ("mlp", "cnn", "resnet18"):
+        raise ConfigError(f"method 'heterofl' slices widths of the mlp, cnn and resnet18 families; "
+                          f"model.name={m.name!r} is not one of them")
 
     # cross-field checks, for the main method and every baseline
     n_hi = int(round(d.hi_fraction * d.num_clients))

@@ -219,6 +219,21 @@ class LocalExchange:
         return self._serve(d, ids, nb, lambda c: task,
                            lambda cl, m: cl.fit_kseed(self.worker, m), True)
 
+    def bn_statistics(self, d: RoundDriver, r: int, ids: list, nb: Bytes) -> dict:
+        """``zo.bn_stats = "recompute"``: each client's BatchNorm statistics under the global
+        model (version r), as a WeightsMessage of statistics (bytes counted up)."""
+        from .bn import local_statistics
+        out = {}
+        for c in ids:
+            copy_state_(self.worker, d.model)
+            cl = self.clients[c]
+            msg = WeightsMessage(r, local_statistics(self.worker, cl.x, d.cfg.zo.micro_batch),
+                                 cl.num_samples)
+            up = msg.to_bytes()
+            nb.add_up(c, len(up))
+            out[c] = WeightsMessage.from_bytes(up)
+        return out
+
     def broadcast(self, d: RoundDriver, r: int, ids: list, res, nb: Bytes, everyone: bool):
         """Push the round's broadcast to every client that holds version r."""
         if res.broadcast is None:

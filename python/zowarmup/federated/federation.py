@@ -15,13 +15,24 @@ import torch.nn.functional as F
 
 from .. import data as zdata
 from .. import models as zmodels
-from ..seeds import TAG_INIT, TAG_ROUND, derive_seed
+from ..seeds import TAG_INIT, TAG_ROUND, TAG_VAL_SPLIT, derive_seed
 from .client import Client
 from .config import ConfigError, RunConfig
 from .server import Server
 
 __all__ = ["Federation", "resolve_device", "build_global_model", "client_shards", "make_client",
            "sample_round", "evaluate"]
+
+
+def validation_dataset(ds, fraction: float):
+    """``ds`` with a stratified ``fraction`` of its training data as the evaluation split
+    (``data.validation``) and the rest as training data; the test split is dropped. The same rows
+    for every run seed (``stratified_split`` with seed ``TAG_VAL_SPLIT``)."""
+    import dataclasses as _dc
+    tr, va = zdata.stratified_split(ds.y_train.numpy(), fraction, TAG_VAL_SPLIT)
+    tr, va = torch.as_tensor(tr), torch.as_tensor(va)
+    return _dc.replace(ds, x_train=ds.x_train[tr], y_train=ds.y_train[tr],
+                       x_test=ds.x_train[va], y_test=ds.y_train[va], name=f"{ds.name}-validation")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,7 +78,7 @@ def make_client(cfg: RunConfig, ds, shard, cid: int, device, pool=None) -> Clien
     """Client ``cid`` holding ``ds``'s training samples ``shard`` on ``device``."""
     return Client(cid, ds.x_train[torch.as_tensor(shard)].to(device),
                   ds.y_train[torch.as_tensor(shard)].to(device), cfg.seed, cfg.warmup, cfg.zo,
-                  cfg.fedkseed, pool)
+                  cfg.fedkseed.for_method(cfg.method), pool)
 
 
 def sample_round(cfg: RunConfig, r: int, phase: str, hi_ids) -> list[int]:
@@ -115,6 +126,8 @@ class Federation:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
         ds = dataset if dataset is not None else zdata.load_dataset(cfg.data.name, cfg.data.root)
+        if cfg.data.validation > 0:
+            ds = validation_dataset(ds, cfg.data.validation)
         self.dataset = ds
         N = cfg.data.num_clients
         if N > ds.x_train.shape[0]:

@@ -404,7 +404,7 @@ class Server:
     # -- phase 2: FedKSeed -----------------------------------------------------------------------
     def kseed_task(self, round_idx: int) -> KSeedTask:
         """The FedKSeed task message (local steps; the pool is fixed at setup)."""
-        return KSeedTask(round_idx, self.cfg.fedkseed.local_steps)
+        return KSeedTask(round_idx, self.cfg.fedkseed.for_method(self.cfg.method).local_steps)
 
     def aggregate_kseed(self, round_idx: int, replies: dict[int, KSeedUpdate]) -> AggregateResult:
         """Sum the clients' per-seed scalars (weighted) and apply them as one broadcast."""
@@ -432,7 +432,7 @@ class Server:
         coeffs = update_coeffs_array(acc[idx], k.lr, k.scale, 1,
                                      server_lr=self.cfg.zo.server_lr).astype(np.float32)
         res.broadcast = BroadcastMessage(round_idx, self.pool[idx], coeffs)
-        apply_broadcast(self.model, res.broadcast, self.dist, self.backend)
+        apply_broadcast(self.model, res.broadcast, k.dist, self.backend)  # FedKSeed's own noise
         self.log[round_idx] = res.broadcast
         return res
 

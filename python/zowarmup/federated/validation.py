@@ -93,7 +93,8 @@ class Limits:
             mb = max(mb, k.pool_size)
         return cls(state_size=int(state_size), seeds_per_task=per, local_steps=z.local_steps,
                    num_clients=n, rounds=cfg.rounds, max_broadcast=mb,
-                   pool_size=k.pool_size if kseed else 0, kseed_steps=k.local_steps if kseed else 0,
+                   pool_size=k.pool_size if kseed else 0,
+                   kseed_steps=k.for_method(cfg.method).local_steps if kseed else 0,
                    pivot=cfg.effective_pivot())
 
     def max_bytes(self, t: MsgType) -> int:

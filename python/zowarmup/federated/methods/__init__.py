@@ -8,7 +8,7 @@ round, its :class:`~.base.Phase`: a ``run_round`` through the driver), and add o
 """
 from __future__ import annotations
 
-from . import fedkseed, hilo, warmup, zo
+from . import fedkseed, heterofl, hilo, warmup, zo
 from .base import Method, Phase
 
 _METHODS = (
@@ -18,6 +18,7 @@ _METHODS = (
     fedkseed.FEDKSEED,
     fedkseed.ZOWARMUP_FEDKSEED,
     hilo.ZOWARMUP_HILO,
+    heterofl.HETEROFL,
 )
 
 #: name -> Method, in the order of the table in the docs.

@@ -46,6 +46,8 @@ class Method:
         phase2: the phase from the pivot on; None: warm-up for every round (no pivot).
         sections: the config sections the method reads (``data``, ``model`` always).
         seed_pool: the server draws FedKSeed's finite seed pool at setup.
+        rounds: ``rounds(cfg) -> int``: the rounds a run of this method gets (None: ``rounds``;
+            HeteroFL: fewer, under its communication budget).
     """
     name: str
     label: str
@@ -54,6 +56,7 @@ class Method:
     phase2: Phase | None
     sections: tuple = ("warmup", "zo")
     seed_pool: bool = False
+    rounds: Callable | None = None
 
     @property
     def deployable(self) -> bool:
