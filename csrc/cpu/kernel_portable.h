@@ -3,7 +3,7 @@
 // and when ZO_KERNELS_ISA=portable. No intrinsics, no target attributes.
 //
 // Vectorized loops (checked with g++ -O3 -fopt-info-vec on the baseline x86-64 target, see
-// docs/design/cpu_paths.md):
+// docs/DESIGN.md, "The CPU paths"):
 //  - Philox over 16 blocks of one seed at a time (lanes over blocks; 32x32->64 products);
 //  - the sums, over the 32 elements of one Philox word: each term is computed, not looked up:
 //    T_g = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 is the very expression that defines the table

@@ -19,7 +19,7 @@ docstring), which makes its results bit-identical everywhere too.
 from ._api import (BACKENDS, DISTS, SUM_GROUP, SUPPORTED_DTYPES, apply_seeds_, backends, check_seed,
                    noise, normalize_backend, offsets, perturb_)
 
-#: Version of the noise-stream contract implemented here (DESIGN section 3).
+#: Version of the noise-stream contract implemented here (docs/DESIGN.md, "Noise stream").
 STREAM_VERSION = 1
 __version__ = "0.1.0"
 

@@ -1,6 +1,6 @@
 """Pure-torch reference implementation of noise stream v1 and of ``apply_seeds_``.
 
-This is the executable form of the contract in DESIGN section 3 and 4. It runs on any device that
+This is the executable form of the contract in docs/DESIGN.md, "Noise stream" and "Grouped summation order". It runs on any device that
 torch runs on, works in chunks of ``CHUNK`` elements so its own extra memory is bounded by
 :func:`chunk_bytes` (a few tens of MB) whatever the model size, and is the path used when the
 compiled extension is missing.
@@ -37,7 +37,7 @@ MASK32 = 0xFFFFFFFF
 CHUNK = 1 << 18
 #: Chunk of the Gaussian path: its per-element Philox needs several times the temporaries.
 GAUSS_CHUNK = CHUNK // 4
-#: Seeds per subset-sum table in the Rademacher accumulation order (DESIGN section 4).
+#: Seeds per subset-sum table in the Rademacher accumulation order (docs/DESIGN.md, "Grouped summation order").
 SUM_GROUP = 4
 
 UNIFORM_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float scale for 32-bit words

@@ -14,7 +14,7 @@ loops, sampling or transport.
 - :meth:`Client.apply_broadcast`: BroadcastMessage -> model updated in place with ``apply_seeds_``.
 
 Exactness. ``ZOOptimizer.estimate`` restores the weights by adding back (+eps, -2 eps, +eps), which
-is not bit-exact in floating point (DESIGN section 5). A persistent client that must keep weights
+is not bit-exact in floating point (docs/DESIGN.md, "The ZO step"). A persistent client that must keep weights
 bit-identical to the server's passes ``exact=True`` (or sets ``zo.exact``) to
 :meth:`Client.fit_zo`: the perturbed weights are written into a scratch buffer the size of the
 largest layer and the stored weights are never touched (:mod:`.exact`); or ``snapshot=True``

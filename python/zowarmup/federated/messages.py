@@ -16,7 +16,7 @@ KSeedUpdate      header, uint32 num_samples, uint32 count, uint32[count] pool in
 StatusMessage    header, uint8 code, int64 version, uint16 len, utf-8 reason[len] (client -> server)
 ===============  ===========================================================================
 
-Checksums (exact agreement, DESIGN section 6): any message may carry a uint32 checksum of the
+Checksums (exact agreement, docs/DESIGN.md, "Catch-up and exactness rules"): any message may carry a uint32 checksum of the
 sender's model state (:func:`.state.state_checksum`, CRC-32 of the raw state bytes). It is flagged
 by the high bit of the type byte (``type | 0x80``) and sits right after the 8-byte header, so a
 message with a checksum is 4 bytes longer and a message without one is byte-for-byte the version-1
