@@ -231,6 +231,13 @@ def _generic_verdict(name, rows):
             return [f"Best here: {best[0]} ({cell(best[1])}); the paper's 40% (pivot=40) is "
                     + ("the best" if best is p40 else f"{d:.1f} points below it, "
                        f"{'more' if clear else 'less'} than the seeds' std") + "."]
+        if best is first and len(z) > 1:
+            second = max(z[1:], key=lambda t: t[1]["mean"])
+            d2, clear2 = gap(first[1], second[1])
+            return [f"Best here: {best[0]} ({cell(best[1])}), {d2:.1f} points above the next "
+                    f"({second[0]}), {'more' if clear2 else 'not more'} than the seeds' std: {what} "
+                    + ("holds up" if clear2 else "is not distinguishable from the alternative here")
+                    + "."]
         return [f"Best here: {best[0]} ({cell(best[1])}); {what} "
                 + ("is the best" if best is first else
                    f"is {d:.1f} points below it ({'more' if clear else 'less'} than the seeds' std)")
