@@ -389,9 +389,7 @@ def _transformer_formatters() -> dict:
                 "forwards it must run, minus 1; `MeZO overhead` the same for the MeZO-style step "
                 "(per-parameter `torch.normal`, 4 passes per sample). Measured at load average "
                 "15-60 on 2 shared cores: a target is judged only when the rounds agree within "
-                "it. Exact mode's own cost, measured beside it (fp32, one forward): plain 8.49 s, "
-                "exact 12.39 s; making every weight once (copy + noise, fresh chunk allocations) "
-                "1.74 s against 0.19 s for one in-place pass over all weights."]
+                "it."]
 
     def drift_notes(rows):
         return ["bfloat16 weights after 100 `ZOOptimizer.estimate` calls and no update: in place "
