@@ -304,6 +304,21 @@ def step_time(dtype: str, args) -> list[dict]:
 
 
 # -- drift ----------------------------------------------------------------------------------------
+def judge_time(rows: list[dict]) -> list[dict]:
+    """Per-round overheads from the interleaved rounds; the target is judged only when the rounds
+    agree within the target itself (else the machine's load, not the step, decides the figure)."""
+    for r in rows:
+        f = r["figures"]
+        key = "zo_exact_step" if "exact" in r["config"]["label"] else "zo_step"
+        per = [s / fw - 1.0 for s, fw in zip(f["all_s"][key], f["all_s"]["forwards"])]
+        f["overhead_per_round"] = per
+        if len(per) > 1 and max(per) - min(per) > TARGET_OVERHEAD:
+            f["meets_target"] = None
+            f["target"]["text"] = (f"overhead <= {TARGET_OVERHEAD:.0%} (not judged: the rounds' "
+                                   f"overheads range {min(per):+.0%} to {max(per):+.0%})")
+    return rows
+
+
 def drift(args) -> list[dict]:
     import torch
     from zowarmup import ZOOptimizer
@@ -329,7 +344,7 @@ def drift(args) -> list[dict]:
               f"({dt:.0f} s)", flush=True)
         fig = {"max_abs_drift": mx, "moved_fraction": moved / n, "moved": moved, "seconds": dt}
         if exact:
-            fig["target"] = {"text": "max |w - w0| == 0", "max": 0.0}
+            fig["target"] = {"text": "max abs(w - w0) == 0", "max": 0.0}
             fig["meets_target"] = mx == 0.0
         rows.append({"config": {"label": f"ZOOptimizer.estimate, {label}", "dtype": "bfloat16",
                                 "calls": args.drift_calls, "eps": 1e-3, "scale": 0.75,
@@ -379,7 +394,7 @@ def main(argv=None) -> int:
         out["transformer_memory"] = [r for d in dtypes for r in fn(d, args)]
     if "time" in parts:
         tds = (args.time_dtypes or args.dtypes).split(",")
-        out["transformer_step_time"] = [r for d in tds for r in step_time(d, args)]
+        out["transformer_step_time"] = judge_time([r for d in tds for r in step_time(d, args)])
     if "drift" in parts:
         out["transformer_drift"] = drift(args)
     if not args.no_write and not args.tiny:

@@ -478,7 +478,9 @@ def _transformer_formatters() -> dict:
     def time_notes(rows):
         return ["Medians over interleaved repeats. `overhead` = step time / time of the 2S plain "
                 "forwards it must run, minus 1; `MeZO overhead` the same for the MeZO-style step "
-                "(per-parameter `torch.normal`, 4 passes per sample)."]
+                "(per-parameter `torch.normal`, 4 passes per sample). Measured at load average "
+                "15-60 on 2 shared cores: a target is judged only when the rounds agree within "
+                "it."]
 
     def drift_notes(rows):
         return ["bfloat16 weights after 100 `ZOOptimizer.estimate` calls and no update: in place "
@@ -501,6 +503,8 @@ def _transformer_formatters() -> dict:
         Col("dtype", "config.dtype"), Col("step", "config.label"), Col("S", "config.num_samples"),
         Col("2S forwards ms", "figures.forwards_2S_s", ms), Col("step ms", "figures.step_s", ms),
         Col("overhead", "figures.overhead", "{:.1%}"),
+        Col("overhead per round", "figures.overhead_per_round",
+            lambda v: ", ".join(f"{x:+.1%}" for x in v) if isinstance(v, list) else ""),
         Col("MeZO step ms", "figures.mezo_step_s", ms),
         Col("MeZO overhead", "figures.mezo_overhead", "{:.1%}"), TARGET, RESULT],
         notes=time_notes)
