@@ -76,23 +76,21 @@ def set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state_all(st["cuda"])
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, os.replace)."""
-    path = Path(path)
+def _write_tmp(path: Path, data: bytes) -> Path:
+    """``data`` written and fsynced to ``<path>.tmp`` (same folder, so a rename is atomic)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    return tmp
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder, fsync, os.replace)."""
+    path = Path(path)
+    os.replace(_write_tmp(path, data), path)
+    _fsync_dir(path.parent)  # make the rename itself durable
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -107,12 +105,7 @@ def save_checkpoint(run_dir: Path, state: dict) -> None:
     payload = torch_save_bytes(to_plain({"format": FORMAT_VERSION, **state}))
     run_dir = Path(run_dir)
     p = run_dir / CHECKPOINT
-    data = frame(payload)
-    tmp = p.with_name(p.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _write_tmp(p, frame(payload))
     if p.exists():  # keep the last good one: a later corruption of checkpoint.pt falls back to it
         os.replace(p, run_dir / PREVIOUS)
     os.replace(tmp, p)
