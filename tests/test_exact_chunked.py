@@ -75,6 +75,29 @@ def test_chunked_linear_embedding_conv_read_exact_perturbed_weights(dtype):
     assert cp.fallback_max_bytes <= 37 * 4
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_linear_writes_each_chunk_into_its_columns_for_batched_inputs(autocast):
+    """A 3-D input (batch, tokens, features) through a chunked Linear with a bias: one-hot token
+    rows make each output row a perturbed weight column plus the perturbed bias, bit for bit; the
+    chunks' GEMMs write straight into the output's column slices (the direct path) and, under CPU
+    autocast, through a copied chunk output (the other path) -- both give the same bits."""
+    torch.manual_seed(3)
+    lin = nn.Linear(6, 23)
+    params = [lin.weight, lin.bias]
+    offs = zo_kernels.offsets(params)
+    cp = ChunkedPerturbation(params, chunk_bytes=48)  # 2 rows of 6 floats per chunk
+    seed, alpha = 77, -0.25
+    W = perturbed_np(lin.weight, seed, alpha, offs[0])
+    b = perturbed_np(lin.bias, seed, alpha, offs[1])
+    x = torch.eye(6).repeat(2, 1).view(2, 6, 6)
+    with torch.autocast("cpu", dtype=torch.float32, enabled=autocast), cp.perturb(seed, alpha):
+        y = lin(x)
+    assert y.shape == (2, 6, 23) and y.is_contiguous()
+    want = (W.t() + b).expand(2, 6, 23)
+    assert torch.equal(y, want)
+    assert cp.chunk_max_bytes <= 48
+
+
 def test_pre_batches_and_per_parameter_alphas_match_in_place_application():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Embedding(40, 8), nn.Flatten(), nn.Linear(24, 30), nn.GELU(),

@@ -14,6 +14,10 @@ compared with a single-process optimizer run *inside the rank* (same thread coun
   grid): the losses are all-reduced over the data group, then gathered over the samples group;
   equal to one process whose closure combines the two shards' losses.
 - (D) mismatched seeds are refused on every rank; bad arguments are one-line errors.
+- (E) a 2 x 2 grid on four ranks: two samples groups ({0, 1} and {2, 3}, each evaluating its half of
+  the S directions on its data shard) crossed with two data groups ({0, 2} and {1, 3}, the same
+  directions on the two shards), in place and in exact mode: every rank ends bit-identical to the
+  others and equal to one process whose closure combines the two shards' losses.
 """
 from __future__ import annotations
 
@@ -166,6 +170,39 @@ def _scenarios(rank: int) -> dict:
     return out
 
 
+def _grid_scenarios(rank: int) -> dict:
+    """(E): rank r holds data shard r // 2 and is position r % 2 of its samples group."""
+    d, pos = divmod(rank, 2)
+    samples_groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    data_groups = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    out = {}
+    for exact in (False, True):
+        kw_e = dict(lr=0.05, eps=1e-2, num_samples=5, seed=21, exact=exact)
+
+        def shards(t):
+            x, y = batch(t)
+            return [(x[:5], y[:5]), (x[5:], y[5:])]
+        m1 = make_model()
+        o1 = ZOOptimizer(m1.parameters(), **kw_e)
+        for t in range(STEPS):
+            parts = shards(t)
+
+            def closure(parts=parts):
+                ls = [float(loss_fn(m1, x, y)) for x, y in parts]
+                return sum(float(len(x)) * v for (x, _), v in zip(parts, ls)) / 12.0
+            o1.step(closure)
+        m2 = make_model()
+        o2 = ZOOptimizer(m2.parameters(), process_group=samples_groups[d], parallel="samples",
+                         data_group=data_groups[pos], **kw_e)
+        with Recorder() as rec:
+            for t in range(STEPS):
+                x, y = shards(t)[d]
+                o2.step(lambda x=x, y=y: (loss_fn(m2, x, y), len(x)))
+        out["exact" if exact else "in place"] = dict(single=flat(m1), par=flat(m2),
+                                                     calls=[c[0] for c in rec.calls])
+    return out
+
+
 def _rank_main(rank, world, store, out_dir):
     try:
         torch.set_num_threads(1)
@@ -174,7 +211,7 @@ def _rank_main(rank, world, store, out_dir):
         dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank,
                                 world_size=world, timeout=datetime.timedelta(seconds=60))
         try:
-            res = _scenarios(rank)
+            res = _scenarios(rank) if world == WORLD else _grid_scenarios(rank)
         finally:
             dist.destroy_process_group()
         torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -184,12 +221,10 @@ def _rank_main(rank, world, store, out_dir):
         raise
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out_dir = tmp_path_factory.mktemp("samples")
+def _launch(world: int, out_dir) -> list[dict]:
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(r, WORLD, str(out_dir / "store"), str(out_dir)),
-                         daemon=True) for r in range(WORLD)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, str(out_dir / "store"), str(out_dir)),
+                         daemon=True) for r in range(world)]
     t0 = time.monotonic()
     try:
         for pr in procs:
@@ -201,11 +236,21 @@ def ranks(tmp_path_factory):
             if pr.is_alive():
                 pr.kill()
                 pr.join(5)
-    errors = {r: (out_dir / f"rank{r}.err").read_text() for r in range(WORLD)
+    errors = {r: (out_dir / f"rank{r}.err").read_text() for r in range(world)
               if (out_dir / f"rank{r}.err").exists()}
     assert not errors, f"rank errors: {errors}"
     assert all(pr.exitcode == 0 for pr in procs), [pr.exitcode for pr in procs]
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return _launch(WORLD, tmp_path_factory.mktemp("samples"))
+
+
+@pytest.fixture(scope="module")
+def grid_ranks(tmp_path_factory):
+    return _launch(4, tmp_path_factory.mktemp("grid"))
 
 
 def test_inplace_sample_parallel_equals_one_process_bit_for_bit(ranks):
@@ -229,6 +274,17 @@ def test_samples_times_data_grid_matches_one_process(ranks):
         torch.testing.assert_close(r["C"]["par"], r["C"]["single"], rtol=0, atol=1e-6)
         assert torch.equal(r["C"]["par"], ranks[0]["C"]["par"])  # identical across the grid
     assert float((ranks[0]["C"]["par"] - flat(make_model())).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["in place", "exact"])
+def test_two_by_two_grid_matches_one_process_and_is_identical_across_ranks(grid_ranks, mode):
+    for r in grid_ranks:
+        g = r[mode]
+        torch.testing.assert_close(g["par"], g["single"], rtol=0, atol=1e-6)
+        assert torch.equal(g["par"], grid_ranks[0][mode]["par"])  # bit-identical on all 4 ranks
+        # per step: the data group's all_reduce, then one all_gather over the samples group
+        assert g["calls"] == ["all_reduce", "all_gather"] * STEPS, g["calls"]
+    assert float((grid_ranks[0][mode]["par"] - flat(make_model())).abs().max()) > 1e-3
 
 
 def test_mismatched_seeds_refused_on_every_rank(ranks):

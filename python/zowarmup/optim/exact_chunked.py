@@ -14,9 +14,10 @@ written**: perturbed values live only in temporaries.
 The big layers never exist perturbed as a whole:
 
 - ``F.linear`` (``nn.Linear``, a tied output head): the weight's rows are made ``rows`` at a time
-  (a contiguous slice: global offset ``base + r0 * in_features``), each chunk's output columns
-  computed and copied into the output; ``rows`` keeps both the weight chunk and the output chunk
-  below ``chunk_bytes``.
+  (a contiguous slice: global offset ``base + r0 * in_features``), each chunk's GEMM writing its
+  output columns straight into the output (``torch.mm(..., out=<strided column slice>)``; under
+  autocast or mixed dtypes the chunk's output is computed and copied in); ``rows`` keeps both the
+  weight chunk and the output chunk below ``chunk_bytes``.
 - ``F.embedding`` (``nn.Embedding`` and subclasses such as OPT's learned positions): rows of the
   table in chunks, only the chunks some index falls in, rows gathered into the output.
 - ``F.conv1d/2d/3d``: output channels in chunks (whole groups for grouped convolutions), each
@@ -238,16 +239,34 @@ def _linear(o: ChunkedPerturbation, input, weight, bias=None):
     rows = max(1, o.chunk_bytes // (max(in_f, tokens) * weight.element_size()))
     if rows >= out_f:
         return F.linear(input, o._rows(weight, 0, out_f), o._maybe(bias))
+    direct = (input.dim() >= 1 and input.dtype == weight.dtype and input.device == weight.device
+              and (bias is None or bias.dtype == weight.dtype)
+              and not torch.is_autocast_enabled(input.device.type))
     out = None
+    if direct:
+        # each chunk's GEMM writes its output columns in place (a strided slice with row stride
+        # out_f, which BLAS takes as its leading dimension): no chunk output, no copy
+        x2 = input.reshape(-1, in_f)
+        out = torch.empty(tuple(input.shape[:-1]) + (out_f,), dtype=input.dtype,
+                          device=input.device)
+        o2 = out.view(-1, out_f)
     for r0 in range(0, out_f, rows):
         r1 = min(out_f, r0 + rows)
         b = None if bias is None else (o._make(bias, r0, r1) if id(bias) in o._base
                                        else bias[r0:r1])
-        y = F.linear(input, o._rows(weight, r0, r1), b)
+        w = o._rows(weight, r0, r1)
+        if direct:
+            if b is None:
+                torch.mm(x2, w.t(), out=o2[:, r0:r1])
+            else:
+                torch.addmm(b, x2, w.t(), out=o2[:, r0:r1])
+            del w
+            continue
+        y = F.linear(input, w, b)
         if out is None:
             out = torch.empty(y.shape[:-1] + (out_f,), dtype=y.dtype, device=y.device)
         out[..., r0:r1] = y
-        del y
+        del y, w
     return out
 
 
