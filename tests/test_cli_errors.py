@@ -88,7 +88,18 @@ def test_malformed_data_file_is_one_error_line(tmp_path, capsys, kind):
     assert rc == 1, err
     assert err.startswith("zowarmup: error: ") and err.count("\n") == 1, err
     assert "data.npz" in err and "Traceback" not in err
-    assert not list((tmp_path / "out").glob("*/*/metrics.jsonl"))  # no run started
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # no folder left
+
+
+def test_absurd_round_count_is_refused_before_anything_is_written(tmp_path, capsys):
+    from zowarmup.cli import main
+    rc = main(["run", "-q", "--out", str(tmp_path / "out")] + TINY + ["rounds=10**23"])
+    assert rc in (1, 2)
+    rc = main(["run", "-q", "--out", str(tmp_path / "out")] + TINY[1:] + [f"rounds={10**23}"])
+    err = capsys.readouterr().err
+    assert rc in (1, 2) and "'rounds'" in err and "allowed range" in err, err
+    assert err.strip().count("\n") <= 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
 def test_resume_with_overrides_or_config_is_refused(tmp_path, capsys):

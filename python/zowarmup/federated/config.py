@@ -470,6 +470,10 @@ def _choice(key, v, allowed):
                           f"{', '.join(map(repr, allowed))}")
 
 
+#: Upper bound of ``rounds`` (a million rounds is far beyond any run; larger values are typos).
+MAX_ROUNDS = 1_000_000
+
+
 def _int(key, v, lo=None, hi=None):
     if not _is_int(v):
         raise ConfigError(f"invalid value {v!r} for '{key}'; expected an integer"
@@ -512,7 +516,7 @@ def validate(cfg: RunConfig) -> RunConfig:
                           f"appear once and not repeat method={cfg.method!r}")
     _int("seed", cfg.seed, 0, _MAX_SEED)
     _int("num_seeds", cfg.num_seeds, 1, 1000)
-    _int("rounds", cfg.rounds, 1)
+    _int("rounds", cfg.rounds, 1, MAX_ROUNDS)
     _int("pivot", cfg.pivot, 0, cfg.rounds)
     _choice("device", cfg.device, DEVICES)
     _int("eval_every", cfg.eval_every, 1)

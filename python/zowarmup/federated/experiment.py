@@ -70,6 +70,9 @@ def run_experiment(cfg: RunConfig, out: str | Path = "runs", exp_dir: str | Path
         The experiment folder.
     """
     cfg = validate(cfg)
+    if dataset is None:  # bad data is refused before any folder is made
+        from .. import data as zdata
+        dataset = zdata.load_dataset(cfg.data.name, cfg.data.root)
     if exp_dir is None:
         exp_dir = _new_dir(Path(out), cfg.name)
     exp_dir = Path(exp_dir)
