@@ -16,9 +16,16 @@ back -- the *exchange*:
   smaller, counted in ``bytes_down_sync``).
 - :class:`TransportExchange`: the clients keep their own models (:class:`~.replica.ClientReplica`)
   and answer over a transport (in memory, or Flower's Grid) by a deadline. Every reply is validated
-  (:meth:`~.server.Server.accept`); ZO tasks carry the catch-up the client needs and the server's
-  state checksum; a client out of sync is repaired by a weights download within the round. The
-  broadcast is not pushed: it is the first entry of the client's next replay.
+  (:meth:`~.server.Server.accept`); ZO and FedKSeed tasks carry the catch-up the client needs and
+  the server's state checksum; a client out of sync is repaired by a weights download within the
+  round. The broadcast is not pushed: it is the first entry of the client's next replay.
+
+Both exchanges offer the same round kinds, one method each: ``warmup`` (weights down, local SGD,
+weights up), ``zo`` (seeds down, projected gradients up), ``kseed`` (FedKSeed's step count down,
+per-seed scalars up), ``heterofl`` (a width-sliced sub-network down and back) and ``statistics``
+(a global state down, BatchNorm statistics up); the client's computation behind each is the same
+:class:`~.client.Client` method either way, and the phase (:mod:`.methods`) that calls them builds
+the tasks and aggregates the replies for both.
 
 Round record (one line of ``metrics.jsonl``): ``round``, ``phase``, ``accuracy``, ``loss`` (test
 set; null on rounds without evaluation), ``clients`` (sampled), ``kept``, ``dropped`` and
