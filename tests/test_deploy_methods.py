@@ -26,7 +26,7 @@ from zowarmup.federated.loop import Runner, read_metrics
 from zowarmup.federated.methods import deployable_methods
 from zowarmup.federated.replica import build_replica
 from zowarmup.federated.server import Server
-from zowarmup.federated.state import StateLayout, states_equal
+from zowarmup.federated.state import states_equal
 from zowarmup.federated.validation import Rejected, decode_checked
 
 N = 4

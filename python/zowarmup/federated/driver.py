@@ -46,8 +46,7 @@ from typing import Callable, Protocol
 from . import accounting
 from .checkpoint import config_hash
 from .federation import Federation
-from .messages import (KSeedTask, StatsRequest, Status, StatusMessage, SubModelTask,
-                       WeightsMessage)
+from .messages import KSeedTask, StatsRequest, Status, StatusMessage, WeightsMessage
 from .methods import PHASES
 from .methods import get as get_method
 from .state import NO_MODEL, copy_state_
