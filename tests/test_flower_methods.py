@@ -216,6 +216,7 @@ def _assert_same_as_embedded(out: Path, ref, method: str):
     return s, recs
 
 
+@pytest.mark.slow  # about 20 s per method
 @pytest.mark.parametrize("method", list(METHODS))
 def test_simulation_engine_matches_embedded(embedded, tmp_path, method):
     """``python -m zowarmup.flower simulate`` (Flower's simulation engine, Ray backend) ends with
@@ -234,6 +235,7 @@ def test_simulation_engine_matches_embedded(embedded, tmp_path, method):
     _assert_same_as_embedded(tmp_path / "out", embedded[method], method)
 
 
+@pytest.mark.slow  # about 3 minutes on the loaded 2-core machine (three runs, a process per message)
 def test_deployment_engine_runs_the_three_methods_like_embedded(embedded, tmp_path):
     """One SuperLink and 3 SuperNodes (separate processes, insecure, 127.0.0.1); ``flwr run`` of
     the ZOWarmUp app once per method: each finished:completed and bit-identical to the embedded
