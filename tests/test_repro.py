@@ -15,6 +15,7 @@ from zowarmup.federated import heterofl_models as H
 from zowarmup.federated.client import Client
 from zowarmup.federated.config import ConfigError, RunConfig, apply_overrides, validate
 from zowarmup.federated.messages import KSeedTask, SeedsMessage
+from zowarmup.federated.state import StateLayout
 from zowarmup.models import build_model
 
 TINY = ["rounds=4", "pivot=2", "num_seeds=1", "baselines=[]", "data.num_clients=6",
@@ -250,11 +251,14 @@ def test_heterofl_runs_and_counts_bytes(digits, tmp_path):
     pf = sum(p.numel() for p in full.parameters())
     ph = sum(p.numel() for p in half.parameters())
     n_hi = 2
-    # down: a WeightsMessage of the sub-network's parameters (20 bytes of header and counts)
-    exp_down = (n_hi * (20 + 4 * pf) + (6 - n_hi) * (20 + 4 * ph)) / 6
-    assert recs[0]["bytes_down_per_client"] == pytest.approx(exp_down)
-    # up: the same plus the BatchNorm statistics (2 * 12 floats) for sBN
-    assert recs[0]["bytes_up_per_client"] == pytest.approx(exp_down + 20 + 4 * 24)
+    state = len(StateLayout(full).flatten(full))
+    # down: a SubModelTask of the sub-network's parameters (20 bytes of header, rate and count),
+    # then, for sBN, a StatsRequest with the new global state (16 bytes of header and count)
+    exp_task = (n_hi * (20 + 4 * pf) + (6 - n_hi) * (20 + 4 * ph)) / 6
+    assert recs[0]["bytes_down_per_client"] == pytest.approx(exp_task + 16 + 4 * state)
+    # up: the trained parameters with the client's class mask (uint16 K + 2 bytes of bits for
+    # 10 classes), plus the BatchNorm statistics (2 * 12 floats) for sBN
+    assert recs[0]["bytes_up_per_client"] == pytest.approx(exp_task + 4 + 20 + 4 * 24)
 
 
 # -- 5. sweep ----------------------------------------------------------------------------------

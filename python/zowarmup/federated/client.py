@@ -11,6 +11,10 @@ loops, sampling or transport.
   ``torch.no_grad``; BatchNorm as ``zo.bn_stats`` says (default ``batch``: the batch's statistics,
   running statistics never updated; ``frozen``: the running statistics; :mod:`.bn`).
 - :meth:`Client.fit_kseed`: KSeedTask -> KSeedUpdate (FedKSeed local steps over the seed pool).
+- :meth:`Client.fit_heterofl`: SubModelTask -> SubModelUpdate (HeteroFL: local SGD on the
+  width-sliced sub-network, masked loss; the trained slice and the client's classes back).
+- :meth:`Client.fit_statistics`: StatsRequest -> StatsMessage (BatchNorm statistics of the local
+  data under the given global state: HeteroFL's sBN).
 - :meth:`Client.apply_broadcast`: BroadcastMessage -> model updated in place with ``apply_seeds_``.
 
 Exactness. ``ZOOptimizer.estimate`` restores the weights by adding back (+eps, -2 eps, +eps), which
@@ -43,7 +47,7 @@ from ..seeds import derive_seed, TAG_SGD, TAG_KSEED_INDEX, TAG_KSEED_BATCH, TAG_
 from .bn import bn_mode
 from .config import KSeedConfig, WarmupConfig, ZOConfig
 from .messages import (BroadcastMessage, GradsMessage, KSeedTask, KSeedUpdate, SeedsMessage,
-                       WeightsMessage)
+                       StatsMessage, StatsRequest, SubModelTask, SubModelUpdate, WeightsMessage)
 from .state import StateLayout
 
 
@@ -281,6 +285,38 @@ class Client:
         idx = sorted(acc)
         return KSeedUpdate(msg.round, np.asarray(idx, dtype=np.uint32),
                            np.asarray([acc[i] for i in idx], dtype=np.float32), self.num_samples)
+
+    # -- HeteroFL --------------------------------------------------------------------------------
+    def fit_heterofl(self, sub: nn.Module, msg: SubModelTask) -> SubModelUpdate:
+        """HeteroFL local training of the width-``msg.rate`` sub-network ``sub`` (built by
+        :func:`.heterofl_models.sub_network`: static BatchNorm, scaler).
+
+        Loads ``msg.values`` into ``sub``'s parameters, runs the warm-up section's local SGD
+        (``client_lr``, ``momentum``, ``weight_decay``, ``local_epochs``, ``batch_size``; batch
+        order from ``derive_seed(run_seed, TAG_SGD, round, cid) >> 1``) with HeteroFL's masked loss
+        (logits of classes the client holds no sample of set to zero), and returns the trained
+        parameters with the client's class mask (the server averages classifier rows only over
+        clients holding the class). The embedded runner and a deployed client both call this."""
+        from . import heterofl_models as H
+        H.load_params(sub, msg.values)
+        k = dict(sub.named_modules())[H.classifier_name(sub)].out_features
+        mask = H.label_mask(self.y, k)
+        w = self.warmup
+        gen = torch.Generator().manual_seed(derive_seed(self.run_seed, TAG_SGD, msg.round, self.cid)
+                                            >> 1)
+        H.local_train(sub, self.x, self.y, torch.from_numpy(mask), w.client_lr, w.momentum,
+                      w.weight_decay, w.local_epochs, w.batch_size, gen)
+        return SubModelUpdate(msg.round, H.flat_params(sub), mask, self.num_samples)
+
+    def fit_statistics(self, model: nn.Module, msg: StatsRequest,
+                       layout: StateLayout | None = None) -> StatsMessage:
+        """Load the global state ``msg.values`` into ``model`` and return the BatchNorm statistics
+        of the local data under it (:func:`.bn.local_statistics`, micro-batches of
+        ``zo.micro_batch``)."""
+        from .bn import local_statistics
+        (layout or StateLayout(model)).load(model, msg.values)
+        return StatsMessage(msg.round, local_statistics(model, self.x, self.zo.micro_batch),
+                            self.num_samples)
 
     # -- everyone --------------------------------------------------------------------------------
     def apply_broadcast(self, model: nn.Module, msg: BroadcastMessage) -> None:

@@ -25,6 +25,11 @@ Per round (``r``, version ``r`` = the global model after r rounds):
   is logged and repaired at once, within the round's deadline, by a weights download and a retry.
   The kept replies are aggregated by :meth:`Server.aggregate_zo` exactly as in the embedded runner;
   the broadcast is not pushed: it is the first entry of the client's next replay.
+- FedKSeed: as ZO, with a KSeedTask (the step count) and the clients' per-seed scalars
+  (:meth:`Server.aggregate_kseed`).
+- HeteroFL: each sampled client gets the slice of the global model for its width and returns it
+  trained (with its class mask); with BatchNorm the kept clients then get the new global state
+  and return their statistics. They hold no usable version afterwards.
 - a client that timed out or sent a rejected reply is assumed to hold the version it held before
   the round (the oldest it can hold); a replay from there covers it either way, since replicas skip
   the rounds they already applied.

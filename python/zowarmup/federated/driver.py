@@ -16,9 +16,16 @@ back -- the *exchange*:
   smaller, counted in ``bytes_down_sync``).
 - :class:`TransportExchange`: the clients keep their own models (:class:`~.replica.ClientReplica`)
   and answer over a transport (in memory, or Flower's Grid) by a deadline. Every reply is validated
-  (:meth:`~.server.Server.accept`); ZO tasks carry the catch-up the client needs and the server's
-  state checksum; a client out of sync is repaired by a weights download within the round. The
-  broadcast is not pushed: it is the first entry of the client's next replay.
+  (:meth:`~.server.Server.accept`); ZO and FedKSeed tasks carry the catch-up the client needs and
+  the server's state checksum; a client out of sync is repaired by a weights download within the
+  round. The broadcast is not pushed: it is the first entry of the client's next replay.
+
+Both exchanges offer the same round kinds, one method each: ``warmup`` (weights down, local SGD,
+weights up), ``zo`` (seeds down, projected gradients up), ``kseed`` (FedKSeed's step count down,
+per-seed scalars up), ``heterofl`` (a width-sliced sub-network down and back) and ``statistics``
+(a global state down, BatchNorm statistics up); the client's computation behind each is the same
+:class:`~.client.Client` method either way, and the phase (:mod:`.methods`) that calls them builds
+the tasks and aggregates the replies for both.
 
 Round record (one line of ``metrics.jsonl``): ``round``, ``phase``, ``accuracy``, ``loss`` (test
 set; null on rounds without evaluation), ``clients`` (sampled), ``kept``, ``dropped`` and
@@ -39,7 +46,7 @@ from typing import Callable, Protocol
 from . import accounting
 from .checkpoint import config_hash
 from .federation import Federation
-from .messages import KSeedTask, Status, StatusMessage, WeightsMessage
+from .messages import KSeedTask, StatsRequest, Status, StatusMessage, WeightsMessage
 from .methods import PHASES
 from .methods import get as get_method
 from .state import NO_MODEL, copy_state_
@@ -219,6 +226,32 @@ class LocalExchange:
         return self._serve(d, ids, nb, lambda c: task,
                            lambda cl, m: cl.fit_kseed(self.worker, m), True)
 
+    def heterofl(self, d: RoundDriver, r: int, ids: list, tasks: dict, nb: Bytes,
+                 rec: dict) -> dict:
+        """HeteroFL: each client trains the sub-network of its task's width
+        (:meth:`~.client.Client.fit_heterofl` on a worker sub-network per width rate)."""
+        from .heterofl_models import sub_network
+        from .methods.heterofl import client_rate
+        subs = getattr(self, "_subs", None)
+        if subs is None:
+            subs = self._subs = {}
+        hi = self.fed.hi
+
+        def fit(cl, m):
+            rate = client_rate(d.cfg, bool(hi[cl.cid]))
+            if rate not in subs:
+                subs[rate] = sub_network(d.cfg, self.fed.dataset, rate, self.fed.device)
+            return cl.fit_heterofl(subs[rate], m)
+        return self._serve(d, ids, nb, tasks.__getitem__, fit, False)
+
+    def statistics(self, d: RoundDriver, r: int, ids: list, request: StatsRequest, nb: Bytes,
+                   rec: dict) -> dict:
+        """Each client's BatchNorm statistics under the request's global state
+        (:meth:`~.client.Client.fit_statistics` on the worker model)."""
+        layout = d.server.layout
+        return self._serve(d, ids, nb, lambda c: request,
+                           lambda cl, m: cl.fit_statistics(self.worker, m, layout), False)
+
     def bn_statistics(self, d: RoundDriver, r: int, ids: list, nb: Bytes) -> dict:
         """``zo.bn_stats = "recompute"``: each client's BatchNorm statistics under the global
         model (version r), as a WeightsMessage of statistics (bytes counted up)."""
@@ -342,8 +375,11 @@ class TransportExchange:
         return replies
 
     @staticmethod
-    def one_reply(srv, c, rep, r, task=None, kind=None):
-        """The single validated message of client c's reply, or None (rejected, logged)."""
+    def one_reply(srv, c, rep, r, task=None, kind=None, require_checksum=None):
+        """The single validated message of client c's reply, or None (rejected, logged). A
+        state checksum is required when a ``task`` is given, unless ``require_checksum`` says."""
+        if require_checksum is None:
+            require_checksum = task is not None
         if isinstance(rep, Rejected):
             srv.reject(c, r, str(rep))
             return None
@@ -351,7 +387,7 @@ class TransportExchange:
             srv.reject(c, r, f"a reply is one message, got "
                              f"{len(rep) if isinstance(rep, (list, tuple)) else type(rep).__name__}")
             return None
-        return srv.accept(c, rep[0], r, task=task, kind=kind, require_checksum=task is not None)
+        return srv.accept(c, rep[0], r, task=task, kind=kind, require_checksum=require_checksum)
 
     def warmup(self, d: RoundDriver, r: int, ids: list, down_msg: WeightsMessage, nb: Bytes,
                rec: dict) -> dict:
@@ -370,10 +406,61 @@ class TransportExchange:
             kept[c] = m
         return kept
 
+    def _simple(self, d: RoundDriver, r: int, ids: list, tasks: dict, nb: Bytes, rec: dict,
+                kind: str) -> dict:
+        """One task per client, no catch-up, no checksum (HeteroFL's rounds): replies validated
+        (``kind``, or a status), the rest counted as timed out, rejected or failed."""
+        srv = d.server
+        replies = self._send(r, {c: [tasks[c]] for c in ids}, nb)
+        kept = {}
+        for c in ids:
+            if c not in replies:
+                rec["timed_out"].append(c)
+                continue
+            m = self.one_reply(srv, c, replies[c], r, task=tasks[c], kind=(kind, "status"),
+                               require_checksum=False)
+            if m is None:
+                rec["rejected"].append(c)
+                continue
+            if isinstance(m, StatusMessage):
+                log.warning("round %d: client %d answered %s: %s", r, c, Status(m.code).name,
+                            m.reason)
+                rec["failed"].append(c)
+                continue
+            kept[c] = m
+        return kept
+
+    def heterofl(self, d: RoundDriver, r: int, ids: list, tasks: dict, nb: Bytes,
+                 rec: dict) -> dict:
+        """HeteroFL: each client's sub-network task, its trained sub-network back (validated
+        against the task). Clients hold no model version afterwards."""
+        for c in ids:
+            d.server.held[c] = NO_MODEL
+        return self._simple(d, r, ids, tasks, nb, rec, "submodel")
+
+    def statistics(self, d: RoundDriver, r: int, ids: list, request: StatsRequest, nb: Bytes,
+                   rec: dict) -> dict:
+        """HeteroFL's sBN: the global state to each client in ``ids``, its BatchNorm statistics
+        under it back (validated)."""
+        return self._simple(d, r, ids, {c: request for c in ids}, nb, rec, "stats")
+
     def zo(self, d: RoundDriver, r: int, ids: list, tasks: dict, nb: Bytes, rec: dict,
            everyone: bool) -> dict:
         """Catch-up and seeds (stamped with the server's checksum), replies validated against the
         task, out-of-sync clients repaired once by a weights download within the deadline."""
+        return self._probe(d, r, ids, tasks, nb, rec, "grads")
+
+    def kseed(self, d: RoundDriver, r: int, ids: list, task: KSeedTask, nb: Bytes, rec: dict,
+              everyone: bool) -> dict:
+        """FedKSeed: as :meth:`zo`, with the FedKSeed task (stamped with the server's checksum)
+        and the clients' per-seed scalars (:class:`~.messages.KSeedUpdate`) back."""
+        return self._probe(d, r, ids, {c: task for c in ids}, nb, rec, "kseed")
+
+    def _probe(self, d: RoundDriver, r: int, ids: list, tasks: dict, nb: Bytes, rec: dict,
+               kind: str) -> dict:
+        """A round whose clients probe the global model (ZO, FedKSeed): catch-up and task
+        stamped with the server's checksum, ``kind`` replies carrying the probed state's
+        checksum, mismatches repaired once by a weights download within the deadline."""
         srv = d.server
         ck = srv.checksum()
         before = {c: int(srv.held[c]) for c in ids}
@@ -396,7 +483,7 @@ class TransportExchange:
                         rec["timed_out"].append(c)
                     srv.held[c] = before[c] if attempt == 0 else NO_MODEL
                     continue
-                m = self.one_reply(srv, c, replies[c], r, task=tasks[c], kind=("grads", "status"))
+                m = self.one_reply(srv, c, replies[c], r, task=tasks[c], kind=(kind, "status"))
                 if m is None:
                     rec["rejected"].append(c)
                     srv.held[c] = before[c]
@@ -434,9 +521,6 @@ class TransportExchange:
             out = {c: [w, tasks[c]] for c in pending}
         rec["repaired"].sort()
         return kept
-
-    def kseed(self, d, r, ids, task, nb, rec, everyone):  # pragma: no cover - registry prevents it
-        raise ValueError("FedKSeed rounds run embedded only")
 
     def broadcast(self, d, r, ids, res, nb, everyone):
         """Not pushed: the broadcast is the first entry of a client's next replay."""

@@ -136,7 +136,7 @@ class Federation:
         self.hi = zdata.assign_resources(N, cfg.data.hi_fraction, cfg.seed)
         self.hi_ids = np.flatnonzero(self.hi)
         self.model = build_global_model(cfg, ds).to(self.device)
-        self.server = Server(cfg, self.model, N)
+        self.server = Server(cfg, self.model, N, ds)
         self.shards = self.clients = None
         if clients:
             self.shards = client_shards(cfg, ds)

@@ -33,8 +33,9 @@ from torch import nn
 
 from .. import models as zmodels
 
-__all__ = ["sub_options", "build_sub_model", "sub_index", "extract", "classifier_name",
-           "add_scaler", "local_train", "aggregate"]
+__all__ = ["sub_options", "build_sub_model", "sub_network", "sub_param_count", "sub_index",
+           "extract", "classifier_name", "add_scaler", "static_bn", "local_train", "aggregate",
+           "flat_params", "load_params", "unflatten", "label_mask"]
 
 
 def _scaled(w: int, rate: float) -> int:
@@ -60,6 +61,61 @@ def build_sub_model(cfg, ds, rate: float) -> nn.Module:
     norm = cfg.model.norm
     return zmodels.build_model(cfg.model.name, ds.num_classes, ds.in_channels, ds.image_size,
                                norm=norm, **sub_options(cfg.model.name, cfg.model.options, rate))
+
+
+def sub_network(cfg, ds, rate: float, device) -> nn.Module:
+    """The width-``rate`` sub-network a client trains, as both the embedded runner and a deployed
+    client build it: :func:`build_sub_model` (torch's RNG state left as it was: the weights are
+    always loaded from the server), :func:`static_bn`, :func:`add_scaler`."""
+    rng = torch.get_rng_state()
+    try:
+        sub = build_sub_model(cfg, ds, rate).to(device)
+    finally:
+        torch.set_rng_state(rng)
+    static_bn(sub)
+    add_scaler(sub, rate)
+    return sub
+
+
+def sub_param_count(cfg, ds, rate: float) -> int:
+    """Parameters of the width-``rate`` sub-network (sized on the meta device: no memory, no
+    RNG)."""
+    with torch.device("meta"):
+        sub = build_sub_model(cfg, ds, rate)
+    return int(sum(p.numel() for p in sub.parameters()))
+
+
+def flat_params(model: nn.Module) -> np.ndarray:
+    """The model's parameters (``parameters()`` order) as one float32 vector: what a SUBMODEL
+    task and its reply carry."""
+    return np.concatenate([p.detach().reshape(-1).cpu().numpy()
+                           for p in model.parameters()]).astype(np.float32)
+
+
+def load_params(model: nn.Module, flat: np.ndarray) -> None:
+    """Inverse of :func:`flat_params` (in place)."""
+    off = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            n = p.numel()
+            p.copy_(torch.from_numpy(flat[off:off + n]).reshape(p.shape).to(p))
+            off += n
+
+
+def unflatten(model: nn.Module, flat: np.ndarray, device) -> dict:
+    """Parameter name -> tensor of ``flat`` in ``model``'s (a sub-network's) layout."""
+    out, off = {}, 0
+    for n, p in model.named_parameters():
+        out[n] = torch.from_numpy(flat[off:off + p.numel()].copy()).reshape(p.shape).to(device)
+        off += p.numel()
+    return out
+
+
+def label_mask(y: torch.Tensor, num_classes: int) -> np.ndarray:
+    """bool (num_classes,): the classes present in the labels ``y`` (the masked loss)."""
+    m = np.zeros(num_classes, dtype=bool)
+    m[np.unique(y.cpu().numpy())] = True
+    return m
 
 
 def classifier_name(model: nn.Module) -> str:

@@ -14,6 +14,11 @@ ReplayMessage    header, uint32 count, then ``count`` BroadcastMessages back to 
 KSeedTask        header, uint16 steps (FedKSeed; the seed pool is fixed when the federation starts)
 KSeedUpdate      header, uint32 num_samples, uint32 count, uint32[count] pool indices, float32[count]
 StatusMessage    header, uint8 code, int64 version, uint16 len, utf-8 reason[len] (client -> server)
+SubModelTask     header, float32 rate, uint64 n, float32[n] (HeteroFL: the width-``rate`` slice)
+SubModelUpdate   header, uint32 num_samples, uint16 K, uint8[ceil(K/8)] label bits, uint64 n,
+                 float32[n] (HeteroFL: the trained slice and the classes the client holds)
+StatsRequest     header, uint64 n, float32[n] (the global state to compute BatchNorm statistics under)
+StatsMessage     header, uint32 num_samples, uint64 n, float32[n] (BatchNorm statistics)
 ===============  ===========================================================================
 
 Checksums (exact agreement, docs/DESIGN.md, "Catch-up and exactness rules"): any message may carry a uint32 checksum of the
@@ -62,6 +67,10 @@ class MsgType(IntEnum):
     KSEED_TASK = 6
     KSEED_UPDATE = 7
     STATUS = 8
+    SUBMODEL = 9
+    SUBMODEL_UPDATE = 10
+    STATS_REQUEST = 11
+    STATS = 12
 
 
 def _header(t: MsgType, round_idx: int, checksum: int | None = None) -> bytes:
@@ -458,8 +467,173 @@ class StatusMessage:
         return cls(rnd, code, version, bytes(buf[off:]).decode("utf-8", "replace"), ck)
 
 
+@dataclass
+class SubModelTask:
+    """Server -> sampled client in a HeteroFL round: the width-``rate`` sub-network to train.
+
+    Attributes:
+        round: round index.
+        rate: the sub-network's width rate (1.0: the full model; float32 on the wire).
+        values: float32 array, shape (n,): the sub-network's parameters, ``named_parameters``
+            order, each the leading slice of the global parameter (:mod:`.heterofl_models`).
+        checksum: optional uint32 checksum (HeteroFL sends none).
+    """
+    round: int
+    rate: float
+    values: np.ndarray
+    checksum: int | None = None
+    TYPE = MsgType.SUBMODEL
+
+    def __post_init__(self):
+        self.values = _f32(self.values)
+
+    def to_bytes(self) -> bytes:
+        """Serialized form (header + float32 rate + uint64 n + float32[n])."""
+        return (_header(self.TYPE, self.round, self.checksum)
+                + struct.pack("<fQ", float(self.rate), self.values.size)
+                + self.values.astype("<f4", copy=False).tobytes())
+
+    @classmethod
+    def from_bytes(cls, buf: bytes) -> "SubModelTask":
+        """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        if len(buf) < off + 12:
+            raise ValueError("truncated SUBMODEL message")
+        rate, n = struct.unpack_from("<fQ", buf, off)
+        vals, off = _array(buf, off + 12, "<f4", n, "sub-network parameters")
+        _check_end(buf, off, "SUBMODEL")
+        return cls(rnd, float(rate), vals.astype(np.float32), ck)
+
+
+@dataclass
+class SubModelUpdate:
+    """Client -> server in a HeteroFL round: the trained sub-network and the client's classes.
+
+    Attributes:
+        round: round index.
+        values: float32 array, shape (n,): the trained parameters (the task's layout).
+        labels: bool array, shape (K,): the classes the client holds samples of (HeteroFL's
+            masked loss; only these rows of the classifier are averaged from this client).
+        num_samples: the client's n_i.
+        checksum: optional uint32 checksum.
+    """
+    round: int
+    values: np.ndarray
+    labels: np.ndarray
+    num_samples: int = 0
+    checksum: int | None = None
+    TYPE = MsgType.SUBMODEL_UPDATE
+
+    def __post_init__(self):
+        self.values = _f32(self.values)
+        self.labels = np.asarray(self.labels, dtype=bool).reshape(-1)
+
+    def to_bytes(self) -> bytes:
+        """Serialized form (header + uint32 num_samples + uint16 K + label bits + uint64 n +
+        float32[n]); label k is bit ``k % 8`` of byte ``k // 8``."""
+        k = self.labels.size
+        return (_header(self.TYPE, self.round, self.checksum)
+                + struct.pack("<IH", self.num_samples, k)
+                + np.packbits(self.labels, bitorder="little").tobytes()
+                + struct.pack("<Q", self.values.size)
+                + self.values.astype("<f4", copy=False).tobytes())
+
+    @classmethod
+    def from_bytes(cls, buf: bytes) -> "SubModelUpdate":
+        """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer (bits set past K too)."""
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        if len(buf) < off + 6:
+            raise ValueError("truncated SUBMODEL_UPDATE message")
+        ns, k = struct.unpack_from("<IH", buf, off)
+        bits, off = _array(buf, off + 6, "u1", (k + 7) // 8, "label bits")
+        labels = np.unpackbits(bits, bitorder="little").astype(bool)
+        if labels[k:].any():
+            raise ValueError(f"SUBMODEL_UPDATE: label bits set past its {k} classes")
+        if len(buf) < off + 8:
+            raise ValueError("truncated SUBMODEL_UPDATE message")
+        (n,) = struct.unpack_from("<Q", buf, off)
+        vals, off = _array(buf, off + 8, "<f4", n, "sub-network parameters")
+        _check_end(buf, off, "SUBMODEL_UPDATE")
+        return cls(rnd, vals.astype(np.float32), labels[:k], ns, ck)
+
+
+@dataclass
+class StatsRequest:
+    """Server -> client: compute the BatchNorm statistics of your data under this global state
+    (HeteroFL's sBN, after the round's aggregation).
+
+    Attributes:
+        round: round index.
+        values: float32 array, shape (n,): the global state (``state_dict`` order, like WEIGHTS).
+        checksum: optional uint32 checksum of that state.
+    """
+    round: int
+    values: np.ndarray
+    checksum: int | None = None
+    TYPE = MsgType.STATS_REQUEST
+
+    def __post_init__(self):
+        self.values = _f32(self.values)
+
+    def to_bytes(self) -> bytes:
+        """Serialized form (header + uint64 n + float32[n])."""
+        return (_header(self.TYPE, self.round, self.checksum) + struct.pack("<Q", self.values.size)
+                + self.values.astype("<f4", copy=False).tobytes())
+
+    @classmethod
+    def from_bytes(cls, buf: bytes) -> "StatsRequest":
+        """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        if len(buf) < off + 8:
+            raise ValueError("truncated STATS_REQUEST message")
+        (n,) = struct.unpack_from("<Q", buf, off)
+        vals, off = _array(buf, off + 8, "<f4", n, "state")
+        _check_end(buf, off, "STATS_REQUEST")
+        return cls(rnd, vals.astype(np.float32), ck)
+
+
+@dataclass
+class StatsMessage:
+    """Client -> server: BatchNorm statistics of the client's data
+    (:func:`.bn.local_statistics`: ``[mean_0, var_0, mean_1, ...]``), the layout of a WEIGHTS
+    message.
+
+    Attributes:
+        round: round index.
+        values: float32 array, shape (n,), n = :func:`.bn.statistics_size` of the model.
+        num_samples: the client's n_i (the server's average is sample-weighted).
+        checksum: optional uint32 checksum.
+    """
+    round: int
+    values: np.ndarray
+    num_samples: int = 0
+    checksum: int | None = None
+    TYPE = MsgType.STATS
+
+    def __post_init__(self):
+        self.values = _f32(self.values)
+
+    def to_bytes(self) -> bytes:
+        """Serialized form (header + uint32 num_samples + uint64 n + float32[n])."""
+        return (_header(self.TYPE, self.round, self.checksum)
+                + struct.pack("<IQ", self.num_samples, self.values.size)
+                + self.values.astype("<f4", copy=False).tobytes())
+
+    @classmethod
+    def from_bytes(cls, buf: bytes) -> "StatsMessage":
+        """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        if len(buf) < off + 12:
+            raise ValueError("truncated STATS message")
+        ns, n = struct.unpack_from("<IQ", buf, off)
+        vals, off = _array(buf, off + 12, "<f4", n, "statistics")
+        _check_end(buf, off, "STATS")
+        return cls(rnd, vals.astype(np.float32), ns, ck)
+
+
 _CLASSES = {c.TYPE: c for c in (WeightsMessage, SeedsMessage, GradsMessage, BroadcastMessage,
-                                 ReplayMessage, KSeedTask, KSeedUpdate, StatusMessage)}
+                                 ReplayMessage, KSeedTask, KSeedUpdate, StatusMessage,
+                                 SubModelTask, SubModelUpdate, StatsRequest, StatsMessage)}
 
 
 def decode(buf: bytes):

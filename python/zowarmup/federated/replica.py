@@ -30,8 +30,18 @@ Tasks (what the server sends) and replies:
 ==========================================  ===================================================
 ``[WeightsMessage]``                        warm-up: local SGD -> ``[WeightsMessage]``
 ``[catch-up?, SeedsMessage]``               ZO round -> ``[GradsMessage]`` (or ``[StatusMessage]``)
+``[catch-up?, KSeedTask]``                  FedKSeed round -> ``[KSeedUpdate]`` (or a status)
+``[SubModelTask]``                          HeteroFL round: local SGD of the client's width ->
+                                            ``[SubModelUpdate]``
+``[StatsRequest]``                          HeteroFL sBN: statistics under the sent state ->
+                                            ``[StatsMessage]``
 ``[catch-up?, StatusMessage]``              sync to ``version`` -> ``[StatusMessage]`` (OK/DESYNC)
 ==========================================  ===================================================
+
+A phase-2 task must be the kind the run's phase 2 sends (:func:`.validation.check_task_kind`).
+A HeteroFL client trains its own width only (1 if high-resource, ``heterofl.lo_rate`` otherwise,
+from the run seed's resource assignment); a task naming another width is rejected. Replayed
+broadcasts of FedKSeed rounds use FedKSeed's noise (``fedkseed.dist``), as the server applied them.
 
 where ``catch-up`` is a ReplayMessage or a WeightsMessage.
 """
@@ -48,9 +58,11 @@ from ..optim.exact import require_exact_supported
 from .federation import build_global_model, client_shards, make_client
 from .methods import require_deployable
 from .messages import MsgType, Status, StatusMessage
+from .server import seed_pool
 from .state import NO_MODEL, StateLayout, state_checksum
-from .validation import (Limits, Rejected, check_checksum, check_replay, check_seeds_task,
-                         as_message, check_task_round, check_weights_download)
+from .validation import (Limits, Rejected, check_checksum, check_kseed_task, check_replay,
+                         check_seeds_task, check_stats_request, check_submodel_task,
+                         check_task_kind, as_message, check_task_round, check_weights_download)
 
 log = logging.getLogger("zowarmup.federated")
 
@@ -69,11 +81,14 @@ class ClientReplica:
             in place with a parameter snapshot (``False``); either way the stored weights end
             bit-identical. Exact mode checks the model first
             (:func:`zowarmup.optim.exact.require_exact_supported`: ``ValueError`` when unsupported).
+        submodel: HeteroFL: ``(rate, sub-network)``, the width this client trains and its
+            sub-network (:func:`.heterofl_models.sub_network`); None for other methods.
     """
 
     def __init__(self, client: Client, model: nn.Module, limits: Limits, version: int = 0,
-                 exact: bool | None = None):
+                 exact: bool | None = None, submodel: tuple | None = None):
         self.client = client
+        self.submodel = submodel
         self.model = model
         self.layout = StateLayout(model)
         self.limits = limits
@@ -124,16 +139,18 @@ class ClientReplica:
             raise Rejected(f"a task is 1 or 2 messages, got "
                            f"{len(payloads) if isinstance(payloads, (list, tuple)) else type(payloads).__name__}")
         lim = self.limits
+        after_catch_up = (MsgType.SEEDS, MsgType.KSEED_TASK, MsgType.STATUS)
         if len(payloads) == 1:  # as_message: bytes decoded, objects must be genuine messages
-            msgs = [as_message(payloads[0], (MsgType.WEIGHTS, MsgType.SEEDS, MsgType.STATUS), lim)]
+            msgs = [as_message(payloads[0], (MsgType.WEIGHTS, *after_catch_up, MsgType.SUBMODEL,
+                                             MsgType.STATS_REQUEST), lim)]
         else:
             cu = as_message(payloads[0], (MsgType.REPLAY, MsgType.WEIGHTS), lim)
-            last = as_message(payloads[1], (MsgType.SEEDS, MsgType.STATUS), lim)
+            last = as_message(payloads[1], after_catch_up, lim)
             if cu.TYPE not in (MsgType.REPLAY, MsgType.WEIGHTS):
                 raise Rejected(f"a task's first message must be a catch-up (REPLAY or WEIGHTS), "
                                f"got {cu.TYPE.name}")
-            if last.TYPE not in (MsgType.SEEDS, MsgType.STATUS):
-                raise Rejected(f"a catch-up must be followed by SEEDS or STATUS, got "
+            if last.TYPE not in after_catch_up:
+                raise Rejected(f"a catch-up must be followed by SEEDS, KSEED_TASK or STATUS, got "
                                f"{last.TYPE.name}")
             msgs = [cu, last]
         # validate everything before anything is applied
@@ -143,6 +160,14 @@ class ClientReplica:
             check_weights_download(last, lim)
         elif last.TYPE == MsgType.SEEDS:
             check_seeds_task(last, self.last_round, lim)
+        elif last.TYPE == MsgType.KSEED_TASK:
+            check_kseed_task(last, self.last_round, lim)
+        elif last.TYPE == MsgType.SUBMODEL:
+            if self.submodel is None:
+                raise Rejected("SUBMODEL task, but this client trains no HeteroFL sub-network")
+            check_submodel_task(last, self.last_round, lim, self.submodel[0])
+        elif last.TYPE == MsgType.STATS_REQUEST:
+            check_stats_request(last, self.last_round, lim)
         elif last.TYPE == MsgType.STATUS:      # sync request: round may equal R (after the run)
             if not isinstance(last.version, (int, np.integer)) or last.version != last.round:
                 raise Rejected(f"STATUS sync request: version {last.version!r} must equal its "
@@ -154,6 +179,7 @@ class ClientReplica:
             check_checksum(last, "STATUS")
         else:
             raise Rejected(f"unexpected task message {last.TYPE.name}")
+        check_task_kind(last, lim)
         if len(msgs) == 2:
             cu = msgs[0]
             if int(cu.round) != int(last.round):
@@ -194,13 +220,21 @@ class ClientReplica:
                                      f"{self.version}", self._ck_or_none())
             backend = self.client.zo.backend
             for e in cu.entries[self.version - first:]:
-                apply_broadcast(self.model, e, self.client.zo.dist, backend)
+                apply_broadcast(self.model, e, self._dist(int(e.round)), backend)
                 self.version = int(e.round) + 1
         if self.version != target:
             return StatusMessage(target, Status.DESYNC, self.version,
                                  f"holds version {self.version}, the task needs {target}",
                                  self._ck_or_none())
         return None
+
+    def _dist(self, round_idx: int) -> str:
+        """The noise round ``round_idx``'s broadcast was applied with: FedKSeed's own
+        (``fedkseed.dist``) in a FedKSeed round, ``zo.dist`` otherwise (as the server)."""
+        lim = self.limits
+        if lim.phase2 == "fedkseed" and lim.pivot is not None and round_idx >= lim.pivot:
+            return self.client.kseed.dist
+        return self.client.zo.dist
 
     def _ck_or_none(self):
         return self.checksum() if self.version != NO_MODEL else None
@@ -214,6 +248,14 @@ class ClientReplica:
             self.version = NO_MODEL
             self.last_round = r
             return [reply]
+        if last.TYPE == MsgType.SUBMODEL:  # HeteroFL: its own sub-network, its model untouched
+            self.last_round = r
+            return [self._local(r, lambda: self.client.fit_heterofl(self.submodel[1], last))]
+        if last.TYPE == MsgType.STATS_REQUEST:  # sBN: the sent state is no model version
+            self.version = NO_MODEL
+            self.last_round = r
+            return [self._local(r, lambda: self.client.fit_statistics(self.model, last,
+                                                                      self.layout))]
         # the task must fit this client's version (after its catch-up) and the named checksum;
         # until both hold, its round is not taken as seen (a forged future round changes nothing)
         out = self._catch_up(cu, r)
@@ -235,17 +277,28 @@ class ClientReplica:
         self.last_round = r
         if last.TYPE == MsgType.STATUS:  # sync request
             return [StatusMessage(r, Status.OK, self.version, "", mine)]
-        try:
-            if self.exact:
-                reply = self.client.fit_zo(self.model, last, exact=True)
-            else:
-                reply = self.client.fit_zo(self.model, last, snapshot=True, exact=False)
-        except Exception as e:  # a local failure is reported, not fatal to the federation
-            log.exception("client %d: ZO step failed", self.client.cid)
-            return [StatusMessage(r, Status.FAILED, self.version, f"{type(e).__name__}: {e}",
-                                  mine)]
+        if last.TYPE == MsgType.KSEED_TASK:  # FedKSeed's local steps from a snapshot
+            def fit():
+                return self.client.fit_kseed(self.model, last, snapshot=True)
+        elif self.exact:
+            def fit():
+                return self.client.fit_zo(self.model, last, exact=True)
+        else:
+            def fit():
+                return self.client.fit_zo(self.model, last, snapshot=True, exact=False)
+        reply = self._local(r, fit, mine)
         reply.checksum = mine
         return [reply]
+
+    def _local(self, r: int, fit, checksum=None):
+        """``fit()``, or a FAILED status naming the exception (a local failure is reported, not
+        fatal to the federation)."""
+        try:
+            return fit()
+        except Exception as e:
+            log.exception("client %d: local work of round %d failed", self.client.cid, r)
+            return StatusMessage(r, Status.FAILED, self.version, f"{type(e).__name__}: {e}",
+                                 checksum)
 
 
 def build_replica(cfg, ds, cid: int, device="cpu", shards=None, model=None,
@@ -254,14 +307,30 @@ def build_replica(cfg, ds, cid: int, device="cpu", shards=None, model=None,
     split (or the given ``client``), the initial model (version 0, built from the run seed without
     moving torch's global RNG), and the run's limits. Every deployment (in memory, Flower) builds
     its clients here."""
-    require_deployable(cfg.method, where)
+    method = require_deployable(cfg.method, where)
     if client is None:
         shards = client_shards(cfg, ds) if shards is None else shards
         client = make_client(cfg, ds, shards[cid], cid, torch.device(device))
+    if client.pool is None and method.seed_pool:  # FedKSeed's pool, from the run seed
+        client.pool = seed_pool(cfg)
     if model is None:
         rng = torch.get_rng_state()
         model = build_global_model(cfg, ds).to(device)
         torch.set_rng_state(rng)
-    lim = Limits.from_config(cfg, StateLayout(model).size)
-    return ClientReplica(client, model, lim, 0)
+    lim = Limits.from_config(cfg, StateLayout(model).size, ds, model)
+    submodel = None
+    if method.phase2 is not None and method.phase2.name == "heterofl":
+        from .. import data as zdata
+        from .heterofl_models import sub_network
+        from .methods.heterofl import client_rate
+        hi = zdata.assign_resources(cfg.data.num_clients, cfg.data.hi_fraction, cfg.seed)
+        rate = client_rate(cfg, bool(hi[cid]))
+        submodel = (rate, sub_network(cfg, ds, rate, model_device(model)))
+    return ClientReplica(client, model, lim, 0, submodel=submodel)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (CPU for a model without parameters)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 

@@ -48,11 +48,12 @@ from ..seeds import derive_seed, TAG_ZO_SEEDS, TAG_POOL
 from .client import apply_broadcast
 from .config import RunConfig
 from .messages import (CHECKSUM_BYTES, HEADER_BYTES, BroadcastMessage, GradsMessage, KSeedTask,
-                       KSeedUpdate, MsgType, ReplayMessage, SeedsMessage, WeightsMessage)
+                       KSeedUpdate, MsgType, ReplayMessage, SeedsMessage, SubModelTask,
+                       WeightsMessage)
 from .methods import get as get_method
 from .state import NO_MODEL, StateLayout, state_checksum
 from .validation import (Limits, Rejected, check_grads_reply, check_kseed_reply, check_status,
-                         as_message, check_weights_reply)
+                         as_message, check_stats_reply, check_submodel_reply, check_weights_reply)
 
 log = logging.getLogger("zowarmup.federated")
 
@@ -108,6 +109,16 @@ def _finite(a: np.ndarray) -> bool:
     return bool(np.all(np.isfinite(a)))
 
 
+def seed_pool(cfg: RunConfig) -> np.ndarray | None:
+    """FedKSeed's pool of ``fedkseed.pool_size`` seeds, ``pool[k] = derive_seed(seed, TAG_POOL,
+    k)`` (uint64), fixed by the run seed, so the server and every client derive it; None for a
+    method without a pool."""
+    if not get_method(cfg.method).seed_pool:
+        return None
+    return np.asarray([derive_seed(cfg.seed, TAG_POOL, k) for k in range(cfg.fedkseed.pool_size)],
+                      dtype=np.uint64)
+
+
 class Server:
     """The federated server: global model, server optimizers, seed log, version bookkeeping.
 
@@ -115,9 +126,10 @@ class Server:
         cfg: the run's configuration (method, phases, optimizer settings).
         model: the global model (updated in place).
         num_clients: N.
+        dataset: the run's dataset (its shapes size HeteroFL's messages, :class:`Limits`).
     """
 
-    def __init__(self, cfg: RunConfig, model: nn.Module, num_clients: int):
+    def __init__(self, cfg: RunConfig, model: nn.Module, num_clients: int, dataset=None):
         self.cfg = cfg
         self.model = model
         self.layout = StateLayout(model)
@@ -128,17 +140,14 @@ class Server:
                             if w.server_opt == "fedadam" else None)
         self.adam_zo = (ServerAdam(self.params, z.beta1, z.beta2, z.tau)
                         if z.server_opt == "fedadam" else None)
-        self.pool = None
-        if get_method(cfg.method).seed_pool:
-            self.pool = np.asarray([derive_seed(cfg.seed, TAG_POOL, k)
-                                    for k in range(cfg.fedkseed.pool_size)], dtype=np.uint64)
+        self.pool = seed_pool(cfg)
         #: held[i]: the global model version (= rounds applied) client i holds; version 0, the
         #: initial model, is built by every client from the run seed; NO_MODEL after local training.
         self.held = np.zeros(self.num_clients, dtype=np.int64)
         #: seed log: round -> BroadcastMessage, or None for a round whose update was dense.
         self.log: dict[int, BroadcastMessage | None] = {}
         #: what a legal message of this run may contain (validation).
-        self.limits = Limits.from_config(cfg, self.layout.size)
+        self.limits = Limits.from_config(cfg, self.layout.size, dataset, model)
         #: rejected[i]: messages from client i rejected by :meth:`accept`.
         self.rejected = np.zeros(self.num_clients, dtype=np.int64)
         #: (round, client, reason) of the latest rejections (at most MAX_REJECTIONS kept).
@@ -186,11 +195,13 @@ class Server:
         Args:
             cid: the sender's client id (must be in ``[0, N)``).
             payload: serialized bytes or a decoded message.
-            task: the SeedsMessage the client was given (ZO replies are checked against it).
-            kind: ``"weights"``, ``"grads"``, ``"kseed"`` or ``"status"``, or a tuple of them
-                (the reply may be any of those); None: any kind (by the message's type; a
-                GradsMessage needs ``task``). Another kind is rejected.
-            require_checksum: ZO replies must carry a state checksum.
+            task: the task the client was given: a SeedsMessage (ZO replies are checked against
+                it) or a SubModelTask (HeteroFL replies are).
+            kind: ``"weights"``, ``"grads"``, ``"kseed"``, ``"submodel"``, ``"stats"`` or
+                ``"status"``, or a tuple of them (the reply may be any of those); None: any kind
+                (by the message's type; a GradsMessage or SubModelUpdate needs ``task``). Another
+                kind is rejected.
+            require_checksum: ZO and FedKSeed replies must carry a state checksum.
 
         Returns:
             The validated message, or None after logging and counting a rejection. The server's
@@ -201,7 +212,8 @@ class Server:
                     or not 0 <= int(cid) < self.num_clients:
                 raise Rejected(f"unknown sender {cid!r} (clients are 0..{self.num_clients - 1})")
             kinds = {"weights": MsgType.WEIGHTS, "grads": MsgType.GRADS,
-                     "kseed": MsgType.KSEED_UPDATE, "status": MsgType.STATUS}
+                     "kseed": MsgType.KSEED_UPDATE, "submodel": MsgType.SUBMODEL_UPDATE,
+                     "stats": MsgType.STATS, "status": MsgType.STATUS}
             ks = (kind,) if isinstance(kind, str) else tuple(kind or ())
             if any(k not in kinds for k in ks):
                 raise ValueError(f"accept: unknown kind {kind!r}")
@@ -216,7 +228,14 @@ class Server:
                     raise Rejected("GRADS reply but this client was given no ZO task")
                 return check_grads_reply(msg, round_idx, task, self.limits, n, require_checksum)
             if msg.TYPE == MsgType.KSEED_UPDATE:
-                return check_kseed_reply(msg, round_idx, self.limits, n)
+                return check_kseed_reply(msg, round_idx, self.limits, n, require_checksum)
+            if msg.TYPE == MsgType.SUBMODEL_UPDATE:
+                if not isinstance(task, SubModelTask):
+                    raise Rejected("SUBMODEL_UPDATE reply but this client was given no "
+                                   "HeteroFL task")
+                return check_submodel_reply(msg, round_idx, task, self.limits, n)
+            if msg.TYPE == MsgType.STATS:
+                return check_stats_reply(msg, round_idx, self.limits, n)
             return check_status(msg, round_idx)
         except Rejected as e:
             self.reject(cid, round_idx, str(e))

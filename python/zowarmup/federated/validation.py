@@ -18,12 +18,20 @@ What is checked, by message:
 - client -> server, GradsMessage: one value per seed of the client's task; finite and at most
   :data:`MAX_ABS_VALUE` (a finite 1e38 would overflow the float32 coefficients); ``num_samples``.
 - client -> server, KSeedUpdate: indices inside the pool, strictly increasing, at most one per
-  local step; values finite.
+  local step; values finite; the state checksum in deployments (like GRADS).
+- client -> server, SubModelUpdate (HeteroFL): one finite value per parameter of the task's
+  sub-network; a label mask of the run's class count holding at least one class; ``num_samples``.
+- client -> server, StatsMessage: one finite value per BatchNorm statistic of the model;
+  ``num_samples``.
 - server -> client, SeedsMessage: ``steps`` and the seed count equal the run's ``local_steps`` and
   ``S * local_steps``; the round not older than the client's last, inside the run and in phase 2
   (a warm-up task's round in phase 1). A round the client cannot see yet (the task does not fit
   the version it holds) is the replica's check (:class:`.replica.ClientReplica`), which changes
   nothing, its last round included, until every check has passed.
+- server -> client, KSeedTask: the run's FedKSeed step count, a phase-2 round (as SEEDS).
+- server -> client, SubModelTask: a width rate of the run (the client's own, checked by the
+  replica) and exactly that sub-network's parameter count, finite; a phase-2 round.
+- server -> client, StatsRequest: finite values of the state's size; a phase-2 round.
 - server -> client, WeightsMessage (a download): finite values of the state's size; when the task
   names a checksum, the values' checksum (:meth:`.state.StateLayout.checksum`) must equal it
   before anything is loaded.
@@ -44,7 +52,8 @@ import numpy as np
 from .methods import get as get_method
 from .messages import (CHECKSUM_BYTES, HEADER_BYTES, MAX_REASON_BYTES, BroadcastMessage,
                        GradsMessage, KSeedTask, KSeedUpdate, MsgType, ReplayMessage, SeedsMessage,
-                       Status, StatusMessage, WeightsMessage, _CLASSES, _read_header)
+                       StatsMessage, StatsRequest, Status, StatusMessage, SubModelTask,
+                       SubModelUpdate, WeightsMessage, _CLASSES, _read_header)
 
 #: Largest magnitude accepted for a weight or a projected gradient. Larger finite values are as
 #: useless as inf and would overflow the float32 coefficients of the broadcast.
@@ -70,6 +79,13 @@ class Limits:
         kseed_steps: FedKSeed local steps (most entries of a KSeedUpdate).
         pivot: first phase-2 round (warm-up tasks come before it, ZO tasks from it on); None:
             unknown (no phase check).
+        phase2: the method's phase-2 kind (``"zo"``, ``"fedkseed"``, ``"heterofl"``, ...; ``""``:
+            none or unknown): which task a phase-2 round may carry, and whose noise a replayed
+            broadcast uses.
+        submodels: HeteroFL's width rates and their sub-networks' parameter counts,
+            ``((rate, count), ...)`` (rates as float32 values); empty for other methods.
+        num_classes: K, the label mask's length in a SubModelUpdate (0: unused).
+        stats_size: floats of a BatchNorm statistics vector (:func:`.bn.statistics_size`).
     """
     state_size: int
     seeds_per_task: int
@@ -80,27 +96,57 @@ class Limits:
     pool_size: int = 0
     kseed_steps: int = 0
     pivot: int | None = None
+    phase2: str = ""
+    submodels: tuple = ()
+    num_classes: int = 0
+    stats_size: int = 0
 
     @classmethod
-    def from_config(cls, cfg, state_size: int) -> "Limits":
-        """Limits for a :class:`~.config.RunConfig` and a model of ``state_size`` floats."""
+    def from_config(cls, cfg, state_size: int, dataset=None, model=None) -> "Limits":
+        """Limits for a :class:`~.config.RunConfig` and a model of ``state_size`` floats.
+
+        ``dataset`` (its ``num_classes``, ``in_channels``, ``image_size``) sizes HeteroFL's
+        sub-networks and label masks; ``model`` (the global model) its BatchNorm statistics.
+        Without them those messages have no legal size (HeteroFL replies are then refused)."""
         z, k = cfg.zo, cfg.fedkseed
         per = z.num_seeds * z.local_steps
         n = cfg.data.num_clients
-        kseed = get_method(cfg.method).seed_pool
+        method = get_method(cfg.method)
+        kseed = method.seed_pool
         mb = per if z.seed_sharing == "shared" else per * n
         if kseed:
             mb = max(mb, k.pool_size)
+        phase2 = method.phase2.name if method.phase2 is not None else ""
+        subs, ncls, nstats = (), 0, 0
+        if phase2 == "heterofl" and dataset is not None:
+            from .heterofl_models import sub_param_count
+            rates = sorted({1.0, float(cfg.heterofl.lo_rate)})
+            subs = tuple((float(np.float32(r)), sub_param_count(cfg, dataset, r)) for r in rates)
+            ncls = int(dataset.num_classes)
+        if model is not None:
+            from .bn import statistics_size
+            nstats = statistics_size(model)
         return cls(state_size=int(state_size), seeds_per_task=per, local_steps=z.local_steps,
                    num_clients=n, rounds=cfg.rounds, max_broadcast=mb,
                    pool_size=k.pool_size if kseed else 0,
                    kseed_steps=k.for_method(cfg.method).local_steps if kseed else 0,
-                   pivot=cfg.effective_pivot())
+                   pivot=cfg.effective_pivot(), phase2=phase2, submodels=subs,
+                   num_classes=ncls, stats_size=nstats)
+
+    def submodel_size(self, rate) -> int | None:
+        """Parameters of the width-``rate`` sub-network (compared as float32), None when
+        ``rate`` is not one of the run's."""
+        try:
+            r = float(np.float32(rate))
+        except (TypeError, ValueError, OverflowError):
+            return None
+        return next((n for q, n in self.submodels if q == r), None)
 
     def max_bytes(self, t: MsgType) -> int:
         """Size of the largest legal serialized message of type ``t`` (checksum included)."""
         h = HEADER_BYTES + CHECKSUM_BYTES
         bcast = h + 4 + 12 * self.max_broadcast
+        sub = max((n for _, n in self.submodels), default=0)
         return {
             MsgType.WEIGHTS: h + 12 + 4 * self.state_size,
             MsgType.SEEDS: h + 6 + 8 * self.seeds_per_task,
@@ -110,6 +156,10 @@ class Limits:
             MsgType.KSEED_TASK: h + 2,
             MsgType.KSEED_UPDATE: h + 8 + 8 * min(self.pool_size, self.kseed_steps),
             MsgType.STATUS: h + 11 + MAX_REASON_BYTES,
+            MsgType.SUBMODEL: h + 12 + 4 * sub,
+            MsgType.SUBMODEL_UPDATE: h + 14 + (self.num_classes + 7) // 8 + 4 * sub,
+            MsgType.STATS_REQUEST: h + 8 + 4 * self.state_size,
+            MsgType.STATS: h + 12 + 4 * self.stats_size,
         }[MsgType(t)]
 
 
@@ -262,13 +312,14 @@ def check_grads_reply(msg, round_idx: int, task: SeedsMessage, limits: Limits,
     return msg
 
 
-def check_kseed_reply(msg, round_idx: int, limits: Limits, num_samples: int | None = None
-                      ) -> KSeedUpdate:
-    """A client's FedKSeed reply: pool indices in range, strictly increasing, finite values."""
+def check_kseed_reply(msg, round_idx: int, limits: Limits, num_samples: int | None = None,
+                      require_checksum: bool = False) -> KSeedUpdate:
+    """A client's FedKSeed reply: pool indices in range, strictly increasing, finite values
+    (and, in deployments, the checksum of the state it probed)."""
     if not isinstance(msg, KSeedUpdate):
         raise Rejected(f"expected a KSeedUpdate, got {type(msg).__name__}")
     _check_round(msg, round_idx, "KSEED_UPDATE")
-    check_checksum(msg, "KSEED_UPDATE")
+    check_checksum(msg, "KSEED_UPDATE", require_checksum)
     idx = _check_array(msg.indices, np.uint32, "KSEED_UPDATE indices")
     _check_array(msg.values, np.float32, "KSEED_UPDATE values", idx.size)
     if idx.size > limits.kseed_steps:
@@ -281,6 +332,36 @@ def check_kseed_reply(msg, round_idx: int, limits: Limits, num_samples: int | No
         raise Rejected("KSEED_UPDATE: indices are not strictly increasing")
     _check_values(msg.values, "KSEED_UPDATE values")
     _check_samples(msg, num_samples, "KSEED_UPDATE")
+    return msg
+
+
+def check_submodel_reply(msg, round_idx: int, task: SubModelTask, limits: Limits,
+                         num_samples: int | None = None) -> SubModelUpdate:
+    """A client's HeteroFL reply to ``task``: the trained sub-network (the task's parameter count,
+    finite) and its classes (a mask of the run's K, at least one class held)."""
+    if not isinstance(msg, SubModelUpdate):
+        raise Rejected(f"expected a SubModelUpdate, got {type(msg).__name__}")
+    _check_round(msg, round_idx, "SUBMODEL_UPDATE")
+    check_checksum(msg, "SUBMODEL_UPDATE")
+    _check_array(msg.values, np.float32, "SUBMODEL_UPDATE values", int(task.values.size))
+    _check_values(msg.values, "SUBMODEL_UPDATE values")
+    lab = _check_array(msg.labels, np.bool_, "SUBMODEL_UPDATE labels", limits.num_classes)
+    if not lab.any():
+        raise Rejected("SUBMODEL_UPDATE labels: no class held (a client with samples holds one)")
+    _check_samples(msg, num_samples, "SUBMODEL_UPDATE")
+    return msg
+
+
+def check_stats_reply(msg, round_idx: int, limits: Limits, num_samples: int | None = None
+                      ) -> StatsMessage:
+    """A client's BatchNorm statistics: one finite value per statistic of the model."""
+    if not isinstance(msg, StatsMessage):
+        raise Rejected(f"expected a StatsMessage, got {type(msg).__name__}")
+    _check_round(msg, round_idx, "STATS")
+    check_checksum(msg, "STATS")
+    _check_array(msg.values, np.float32, "STATS values", limits.stats_size)
+    _check_values(msg.values, "STATS values")
+    _check_samples(msg, num_samples, "STATS")
     return msg
 
 
@@ -303,7 +384,8 @@ def check_status(msg, round_idx: int) -> StatusMessage:
 def check_task_round(r, last_round: int, limits: Limits, what: str, phase: str | None = None
                      ) -> int:
     """A task's round: an integer, not older than the client's last task, inside the run, and
-    (``phase`` ``"warmup"`` or ``"zo"``, when ``limits.pivot`` is known) inside that phase."""
+    (``phase`` ``"warmup"``, or ``"zo"`` for any phase-2 round, when ``limits.pivot`` is known)
+    inside that phase."""
     if not _is_int(r):
         raise Rejected(f"{what}: round must be an integer, got {type(r).__name__}")
     r = int(r)
@@ -318,6 +400,23 @@ def check_task_round(r, last_round: int, limits: Limits, what: str, phase: str |
         raise Rejected(f"{what}: round {r} is a warm-up round (phase 2 starts at round "
                        f"{limits.pivot})")
     return r
+
+
+#: The tasks a phase-2 round of each deployable kind carries (a STATUS sync request aside).
+PHASE2_TASKS = {"zo": (MsgType.SEEDS,), "fedkseed": (MsgType.KSEED_TASK,),
+                "heterofl": (MsgType.SUBMODEL, MsgType.STATS_REQUEST)}
+
+
+def check_task_kind(msg, limits: Limits) -> None:
+    """A phase-2 task must be the kind the run's phase 2 sends (``limits.phase2``; no check when
+    it is unknown): e.g. no SEEDS task in a FedKSeed run, no SUBMODEL task in a ZO run."""
+    allowed = PHASE2_TASKS.get(limits.phase2)
+    t = msg.TYPE
+    if allowed is None or not any(t in ts for ts in PHASE2_TASKS.values()):
+        return
+    if t not in allowed:
+        raise Rejected(f"{t.name} task, but this run's phase 2 ({limits.phase2}) sends "
+                       f"{' or '.join(a.name for a in allowed)}")
 
 
 def check_seeds_task(msg, last_round: int, limits: Limits) -> SeedsMessage:
@@ -383,11 +482,48 @@ def check_weights_download(msg, limits: Limits) -> WeightsMessage:
 
 
 def check_kseed_task(msg, last_round: int, limits: Limits) -> KSeedTask:
-    """The server's FedKSeed task."""
+    """The server's FedKSeed task: the run's step count, a phase-2 round."""
     if not isinstance(msg, KSeedTask):
         raise Rejected(f"expected a KSeedTask, got {type(msg).__name__}")
-    check_task_round(msg.round, last_round, limits, "KSEED_TASK")
+    check_task_round(msg.round, last_round, limits, "KSEED_TASK", "zo")
+    check_checksum(msg, "KSEED_TASK")
     if not _is_int(msg.steps) or int(msg.steps) != limits.kseed_steps:
         raise Rejected(f"KSEED_TASK: wrong step count {msg.steps!r}, the run uses "
                        f"{limits.kseed_steps}")
+    return msg
+
+
+def check_submodel_task(msg, last_round: int, limits: Limits, rate: float | None = None
+                        ) -> SubModelTask:
+    """The server's HeteroFL task: a width rate of the run (``rate``, the client's own, when
+    given), exactly that sub-network's parameter count, finite values, a phase-2 round."""
+    if not isinstance(msg, SubModelTask):
+        raise Rejected(f"expected a SubModelTask, got {type(msg).__name__}")
+    check_task_round(msg.round, last_round, limits, "SUBMODEL", "zo")
+    check_checksum(msg, "SUBMODEL")
+    if isinstance(msg.rate, bool) or not isinstance(msg.rate, (float, int, np.floating)):
+        raise Rejected(f"SUBMODEL: rate must be a number, got {type(msg.rate).__name__}")
+    size = limits.submodel_size(msg.rate)
+    if size is None:
+        raise Rejected(f"SUBMODEL: width rate {msg.rate!r} is not one of the run's "
+                       f"{[q for q, _ in limits.submodels]}")
+    if rate is not None and float(np.float32(msg.rate)) != float(np.float32(rate)):
+        raise Rejected(f"SUBMODEL: width rate {msg.rate!r}, but this client trains width "
+                       f"{rate!r}")
+    _check_array(msg.values, np.float32, "SUBMODEL values", size)
+    _check_values(msg.values, "SUBMODEL values")
+    return msg
+
+
+def check_stats_request(msg, last_round: int, limits: Limits) -> StatsRequest:
+    """The server's request for BatchNorm statistics: the global state (its size, finite), a
+    phase-2 round."""
+    if not isinstance(msg, StatsRequest):
+        raise Rejected(f"expected a StatsRequest, got {type(msg).__name__}")
+    check_task_round(msg.round, last_round, limits, "STATS_REQUEST", "zo")
+    check_checksum(msg, "STATS_REQUEST")
+    if limits.stats_size <= 0:
+        raise Rejected("STATS_REQUEST: this run's model has no BatchNorm statistics")
+    _check_array(msg.values, np.float32, "STATS_REQUEST values", limits.state_size)
+    _check_values(msg.values, "STATS_REQUEST values")
     return msg

@@ -364,7 +364,7 @@ def _replica(cfg: RunConfig, context: Context):
             arr, meta = st[_STATE_X], dict(st[_STATE_DS])
             client = Client(cid, torch.from_numpy(arr["x"].numpy()),
                             torch.from_numpy(arr["y"].numpy()), cfg.seed, cfg.warmup, cfg.zo,
-                            cfg.fedkseed)
+                            cfg.fedkseed.for_method(cfg.method))
             ds = types.SimpleNamespace(**meta)
         else:
             ds = _dataset(cfg)

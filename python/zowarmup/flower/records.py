@@ -1,9 +1,11 @@
 """Protocol messages <-> Flower records, with validation of everything that arrives.
 
-ZO rounds travel as seeds and scalars only: ``ConfigRecord`` (server -> client: seeds, replayed
-(seed, coeff) lists, checksums) and ``MetricRecord`` (client -> server: projected gradients, sample
-count, checksum). Model weights travel in an ``ArrayRecord`` only where the method needs them: the
-warm-up rounds, and a catch-up or repair download when that is cheaper than (or the only
+ZO and FedKSeed rounds travel as seeds and scalars only: ``ConfigRecord`` (server -> client:
+seeds or the FedKSeed step count, replayed (seed, coeff) lists, checksums) and ``MetricRecord``
+(client -> server: projected gradients or per-seed scalars, sample count, checksum). Model weights
+travel in an ``ArrayRecord`` only where the method needs them: the warm-up rounds, HeteroFL's
+sub-networks (and, with BatchNorm, the state its statistics are computed under, and those
+statistics), and a catch-up or repair download when that is cheaper than (or the only
 alternative to) a replay.
 
 =========================  ===============  =====================================================
@@ -21,6 +23,26 @@ StatusMessage              ConfigRecord     round, code, version, reason, [check
                            ``status``
 GradsMessage               MetricRecord     round, num_samples, values: list[float], [checksum]
                            ``grads``
+KSeedTask                  ConfigRecord     round, steps, [checksum]
+                           ``kseed``
+KSeedUpdate                MetricRecord     round, num_samples, indices: list[int],
+                           ``kseed``        values: list[float], [checksum]
+SubModelTask               ArrayRecord      ``values``: float32 array (n,)
+                           ``submodel`` +   round, rate: float, [checksum]
+                           ConfigRecord
+                           ``submodel.meta``
+SubModelUpdate             ArrayRecord      ``values``: float32 array (n,)
+                           ``submodel`` +   round, num_samples, labels: list[bool] (K),
+                           ConfigRecord     [checksum]
+                           ``submodel.meta``
+StatsRequest               ArrayRecord      ``state``: float32 array (n,)
+                           ``stats_request``
+                           + ConfigRecord   round, [checksum]
+                           ``stats_request.meta``
+StatsMessage               ArrayRecord      ``values``: float32 array (n,)
+                           ``stats`` +      round, num_samples, [checksum]
+                           ConfigRecord
+                           ``stats.meta``
 =========================  ===============  =====================================================
 
 Python ints up to 2**64 - 1 ride in ConfigRecord lists as they are (every seed is non-negative,
@@ -46,12 +68,18 @@ from typing import Mapping
 
 import numpy as np
 
-from ..federated.messages import (MAX_REASON_BYTES, BroadcastMessage, GradsMessage, MsgType,
-                                  ReplayMessage, SeedsMessage, StatusMessage, WeightsMessage)
+from ..federated.messages import (MAX_REASON_BYTES, BroadcastMessage, GradsMessage, KSeedTask,
+                                  KSeedUpdate, MsgType, ReplayMessage, SeedsMessage, StatsMessage,
+                                  StatsRequest, StatusMessage, SubModelTask, SubModelUpdate,
+                                  WeightsMessage)
 from ..federated.validation import Limits, Rejected, decode_checked
 
-_TASK_KEYS = {"seeds", "replay", "weights", "weights.meta", "status"}
-_REPLY_KEYS = {"grads", "weights", "weights.meta", "status"}
+#: Records that travel in pairs: an ArrayRecord and its ConfigRecord of fields.
+_ARRAYS = {"weights": "state", "submodel": "values", "stats_request": "state", "stats": "values"}
+_TASK_KEYS = {"seeds", "replay", "weights", "weights.meta", "status", "kseed", "submodel",
+              "submodel.meta", "stats_request", "stats_request.meta"}
+_REPLY_KEYS = {"grads", "weights", "weights.meta", "status", "kseed", "submodel", "submodel.meta",
+               "stats", "stats.meta"}
 
 
 def _flwr():
@@ -94,6 +122,26 @@ def _add(rd: dict, msg) -> None:
         rd["grads"] = MetricRecord(_ck({"round": int(msg.round),
                                         "num_samples": int(msg.num_samples),
                                         "values": [float(v) for v in msg.values]}, msg))
+    elif t == MsgType.KSEED_TASK:
+        rd["kseed"] = ConfigRecord(_ck({"round": int(msg.round), "steps": int(msg.steps)}, msg))
+    elif t == MsgType.KSEED_UPDATE:
+        rd["kseed"] = MetricRecord(_ck({"round": int(msg.round),
+                                        "num_samples": int(msg.num_samples),
+                                        "indices": [int(i) for i in msg.indices],
+                                        "values": [float(v) for v in msg.values]}, msg))
+    elif t in (MsgType.SUBMODEL, MsgType.SUBMODEL_UPDATE, MsgType.STATS_REQUEST, MsgType.STATS):
+        key = {MsgType.SUBMODEL: "submodel", MsgType.SUBMODEL_UPDATE: "submodel",
+               MsgType.STATS_REQUEST: "stats_request", MsgType.STATS: "stats"}[t]
+        meta = {"round": int(msg.round)}
+        if t == MsgType.SUBMODEL:
+            meta["rate"] = float(msg.rate)
+        if t == MsgType.SUBMODEL_UPDATE:
+            meta["labels"] = [bool(b) for b in msg.labels]
+        if hasattr(msg, "num_samples"):
+            meta["num_samples"] = int(msg.num_samples)
+        rd[key] = ArrayRecord({_ARRAYS[key]: Array(np.ascontiguousarray(msg.values,
+                                                                        dtype=np.float32))})
+        rd[key + ".meta"] = ConfigRecord(_ck(meta, msg))
     else:
         raise ValueError(f"{t.name} messages have no Flower record form")
 
@@ -116,13 +164,13 @@ def _int(v, what: str) -> int:
     return int(v)
 
 
-def _list(v, what: str, max_len: int, kind) -> list:
+def _list(v, what: str, max_len: int, kind, bools: bool = False) -> list:
     if not isinstance(v, list):
         raise Rejected(f"{what}: expected a list, got {type(v).__name__}")
     if len(v) > max_len:
         raise Rejected(f"{what}: oversized: {len(v)} entries, at most {max_len}")
     for i, x in enumerate(v):
-        if isinstance(x, bool) or not isinstance(x, kind):
+        if (isinstance(x, bool) and not bools) or not isinstance(x, kind):
             raise Rejected(f"{what}[{i}]: wrong type {type(x).__name__}")
     return v
 
@@ -174,26 +222,99 @@ def _through_codec(key: str, build, limits: Limits):
     return decode_checked(buf, msg.TYPE, limits)
 
 
-def _weights(rd, limits: Limits) -> WeightsMessage:
-    ar = _record(rd, "weights", "ArrayRecord")
-    meta = _fields(_record(rd, "weights.meta", "ConfigRecord"), "weights.meta",
-                   {"round", "num_samples"}, {"checksum"})
-    if list(ar.keys()) != ["state"]:
-        raise Rejected(f"record 'weights': expected one array 'state', got {list(ar.keys())}")
-    a = ar["state"]
-    if getattr(a, "dtype", None) != "float32" or tuple(getattr(a, "shape", ())) != (limits.state_size,):
-        raise Rejected(f"record 'weights': wrong dtype/shape {getattr(a, 'dtype', None)} "
-                       f"{tuple(getattr(a, 'shape', ()))}, expected float32 ({limits.state_size},)")
-    if len(a.data) > 4 * limits.state_size + 1024:
-        raise Rejected(f"record 'weights': oversized payload, {len(a.data)} bytes")
+def _array(rd, key: str, sizes) -> np.ndarray:
+    """The float32 array of the ArrayRecord ``key`` (one array, named ``_ARRAYS[key]``), its
+    shape one of ``(n,)`` for n in ``sizes``, checked before its bytes are read."""
+    name = _ARRAYS[key]
+    if not sizes or not max(sizes):
+        raise Rejected(f"record {key!r}: this run sends no {key} messages")
+    ar = _record(rd, key, "ArrayRecord")
+    if list(ar.keys()) != [name]:
+        raise Rejected(f"record {key!r}: expected one array {name!r}, got {list(ar.keys())}")
+    a = ar[name]
+    shape = tuple(getattr(a, "shape", ()))
+    if getattr(a, "dtype", None) != "float32" or len(shape) != 1 or shape[0] not in sizes:
+        raise Rejected(f"record {key!r}: wrong dtype/shape {getattr(a, 'dtype', None)} {shape}, "
+                       f"expected float32 ({' or '.join(str(n) for n in sorted(sizes))},)")
+    if len(a.data) > 4 * shape[0] + 1024:
+        raise Rejected(f"record {key!r}: oversized payload, {len(a.data)} bytes")
     try:
         vals = a.numpy()
     except Exception as e:  # malformed .npy bytes
-        raise Rejected(f"record 'weights': cannot read the array: {e}") from None
-    if vals.dtype != np.float32 or vals.shape != (limits.state_size,):
-        raise Rejected(f"record 'weights': array data is {vals.dtype} {vals.shape}")
+        raise Rejected(f"record {key!r}: cannot read the array: {e}") from None
+    if vals.dtype != np.float32 or vals.shape != shape:
+        raise Rejected(f"record {key!r}: array data is {vals.dtype} {vals.shape}")
+    return np.ascontiguousarray(vals)
+
+
+def _weights(rd, limits: Limits) -> WeightsMessage:
+    meta = _fields(_record(rd, "weights.meta", "ConfigRecord"), "weights.meta",
+                   {"round", "num_samples"}, {"checksum"})
+    vals = _array(rd, "weights", {limits.state_size})
     return _through_codec("weights", lambda: WeightsMessage(
-        meta["round"], np.ascontiguousarray(vals), meta["num_samples"], _checksum(meta)), limits)
+        meta["round"], vals, meta["num_samples"], _checksum(meta)), limits)
+
+
+def _submodel_sizes(limits: Limits) -> set:
+    return {n for _, n in limits.submodels}
+
+
+def _submodel_task(rd, limits: Limits) -> SubModelTask:
+    meta = _fields(_record(rd, "submodel.meta", "ConfigRecord"), "submodel.meta",
+                   {"round", "rate"}, {"checksum"})
+    rate = meta["rate"]
+    if isinstance(rate, bool) or not isinstance(rate, numbers.Real):
+        raise Rejected(f"submodel.meta.rate: expected a number, got {type(rate).__name__}")
+    vals = _array(rd, "submodel", _submodel_sizes(limits))
+    return _through_codec("submodel", lambda: SubModelTask(meta["round"], float(rate), vals,
+                                                           _checksum(meta)), limits)
+
+
+def _submodel_update(rd, limits: Limits) -> SubModelUpdate:
+    meta = _fields(_record(rd, "submodel.meta", "ConfigRecord"), "submodel.meta",
+                   {"round", "num_samples", "labels"}, {"checksum"})
+    labels = _list(meta["labels"], "submodel.meta.labels", limits.num_classes, (bool, np.bool_),
+                   bools=True)
+    vals = _array(rd, "submodel", _submodel_sizes(limits))
+    return _through_codec("submodel", lambda: SubModelUpdate(
+        meta["round"], vals, np.asarray(labels, dtype=bool), meta["num_samples"],
+        _checksum(meta)), limits)
+
+
+def _stats_request(rd, limits: Limits) -> StatsRequest:
+    meta = _fields(_record(rd, "stats_request.meta", "ConfigRecord"), "stats_request.meta",
+                   {"round"}, {"checksum"})
+    vals = _array(rd, "stats_request", {limits.state_size})
+    return _through_codec("stats_request", lambda: StatsRequest(meta["round"], vals,
+                                                                _checksum(meta)), limits)
+
+
+def _stats(rd, limits: Limits) -> StatsMessage:
+    meta = _fields(_record(rd, "stats.meta", "ConfigRecord"), "stats.meta",
+                   {"round", "num_samples"}, {"checksum"})
+    vals = _array(rd, "stats", {limits.stats_size})
+    return _through_codec("stats", lambda: StatsMessage(meta["round"], vals, meta["num_samples"],
+                                                        _checksum(meta)), limits)
+
+
+def _kseed_task(rd, limits: Limits) -> KSeedTask:
+    d = _fields(_record(rd, "kseed", "ConfigRecord"), "kseed", {"round", "steps"}, {"checksum"})
+    return _through_codec("kseed", lambda: KSeedTask(d["round"], d["steps"], _checksum(d)), limits)
+
+
+def _kseed_update(rd, limits: Limits) -> KSeedUpdate:
+    d = _fields(_record(rd, "kseed", "MetricRecord"), "kseed",
+                {"round", "num_samples", "indices", "values"}, {"checksum"})
+    n = min(limits.pool_size, limits.kseed_steps)
+    idx = _ints(d["indices"], "kseed.indices", n)
+    values = _floats(d["values"], "kseed.values", n)
+    if len(idx) != values.size:
+        raise Rejected(f"kseed: wrong count: {len(idx)} indices but {values.size} values")
+    if any(not 0 <= i < 2 ** 32 for i in idx):
+        raise Rejected("kseed.indices: an index is out of range for uint32")
+    return _through_codec("kseed", lambda: KSeedUpdate(d["round"], np.asarray(idx, np.uint32),
+                                                       values, d["num_samples"], _checksum(d)),
+                          limits)
 
 
 def _seeds_msg(rd, limits: Limits) -> SeedsMessage:
@@ -251,22 +372,33 @@ def _keys(rd, allowed: set) -> set:
     extra = keys - allowed
     if extra:
         raise Rejected(f"unexpected records {sorted(extra)}")
-    if ("weights" in keys) != ("weights.meta" in keys):
-        raise Rejected("records 'weights' and 'weights.meta' come together")
+    for k in _ARRAYS:
+        if (k in keys) != (k + ".meta" in keys):
+            raise Rejected(f"records {k!r} and '{k}.meta' come together")
     return keys
+
+
+def _pair(key: str) -> set:
+    return {key, key + ".meta"}
 
 
 def task_from_records(rd, limits: Limits) -> list:
     """A task's messages (catch-up first) from its RecordDict; Rejected when malformed."""
     keys = _keys(rd, _TASK_KEYS)
-    main = [k for k in ("seeds", "status") if k in keys]
+    main = [k for k in ("seeds", "status", "kseed") if k in keys]
     if len(main) > 1:
         raise Rejected(f"a task has one main message, got {main}")
-    if not main:  # warm-up: the global weights alone
-        if keys != {"weights", "weights.meta"}:
-            raise Rejected(f"a task needs seeds, status or weights, got {sorted(keys)}")
-        return [_weights(rd, limits)]
-    last = _seeds_msg(rd, limits) if main[0] == "seeds" else _status(rd, limits)
+    if not main:  # one message alone: warm-up weights, a HeteroFL sub-network or sBN request
+        for key, read in (("weights", _weights), ("submodel", _submodel_task),
+                          ("stats_request", _stats_request)):
+            if keys == _pair(key):
+                return [read(rd, limits)]
+        raise Rejected(f"a task needs seeds, kseed, status, weights, submodel or stats_request, "
+                       f"got {sorted(keys)}")
+    if keys & (_pair("submodel") | _pair("stats_request")):
+        raise Rejected(f"a {main[0]} task carries no submodel or stats_request, got "
+                       f"{sorted(keys)}")
+    last = {"seeds": _seeds_msg, "status": _status, "kseed": _kseed_task}[main[0]](rd, limits)
     cu = [k for k in ("replay", "weights") if k in keys]
     if len(cu) > 1:
         raise Rejected("a task has at most one catch-up (replay or weights)")
@@ -282,9 +414,16 @@ def reply_from_records(rd, limits: Limits) -> list:
         return [_grads(rd, limits)]
     if keys == {"status"}:
         return [_status(rd, limits)]
-    if keys == {"weights", "weights.meta"}:
+    if keys == {"kseed"}:
+        return [_kseed_update(rd, limits)]
+    if keys == _pair("weights"):
         return [_weights(rd, limits)]
-    raise Rejected(f"a reply is one of grads, status or weights, got {sorted(keys)}")
+    if keys == _pair("submodel"):
+        return [_submodel_update(rd, limits)]
+    if keys == _pair("stats"):
+        return [_stats(rd, limits)]
+    raise Rejected(f"a reply is one of grads, kseed, status, weights, submodel or stats, got "
+                   f"{sorted(keys)}")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,15 @@
 """FedKSeed rounds: a finite pool of seeds fixed at setup, several local ZO steps per round, each
 along one pool seed; the server sums the clients' per-seed scalars into one broadcast
 (:meth:`..client.Client.fit_kseed`, :meth:`..server.Server.aggregate_kseed`). Methods: FedKSeed
-from a random init, and ZOWarmUp + FedKSeed (warm-up, then FedKSeed). Embedded runner only.
+from a random init, and ZOWarmUp + FedKSeed (warm-up, then FedKSeed).
+
+What travels: down, a :class:`~..messages.KSeedTask` (the round and the step count: every client
+derives the pool from the run seed); up, a :class:`~..messages.KSeedUpdate` (the pool indices the
+client used and its accumulated projected gradient per index, float32, and ``n_i``). The round's
+(pool seed, coeff) list is replayable, like a ZO broadcast (with FedKSeed's noise,
+``fedkseed.dist``). In a deployment the task carries the server's state checksum and a catch-up
+(seed-log replay or weights), the client probes from a snapshot (its stored weights do not move)
+and stamps its reply with its checksum, exactly like a ZO round (:class:`..driver.TransportExchange`).
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ def run_round(d, r: int, ids: list, nb, rec):
     return res
 
 
-PHASE = Phase("fedkseed", run_round, deployable=False, replayable=lambda cfg: True)
+PHASE = Phase("fedkseed", run_round, deployable=True, replayable=lambda cfg: True)
 
 FEDKSEED = Method(
     "fedkseed", "FedKSeed",

@@ -8,21 +8,30 @@ Communication budget (section 4.1: a fixed budget, so fewer rounds as the high-r
 grows): a sub-network of rate p has about p^2 of the parameters, so a round with high-resource
 share h costs ``h + (1 - h) p^2`` full-model exchanges per client. The budget is that of
 ``heterofl.budget_rounds`` rounds (0: ``rounds``) at share ``heterofl.budget_hi_fraction``; a run
-gets ``floor(budget / cost(h))`` rounds, at most ``rounds``. Bytes are counted from the serialized
-WeightsMessages of the sub-network parameters (down and up) and, with BatchNorm, the statistics
-each client returns for sBN.
+gets ``floor(budget / cost(h))`` rounds, at most ``rounds``.
 
-Embedded runner only: a deployment would need a task message that names the client's width and
-a reply carrying the BatchNorm statistics.
+A round, through the driver's exchange (embedded or deployed alike):
+
+1. each sampled client gets a :class:`~..messages.SubModelTask`: its width rate (1 for
+   high-resource clients, ``heterofl.lo_rate`` for low-resource ones) and the leading slices of
+   the global parameters;
+2. it trains them (:meth:`..client.Client.fit_heterofl`) and returns a
+   :class:`~..messages.SubModelUpdate`: the trained slice and the classes it holds;
+3. the server averages every entry over the kept clients holding it
+   (:func:`..heterofl_models.aggregate`);
+4. with BatchNorm (sBN), the kept clients get a :class:`~..messages.StatsRequest` with the new
+   global state and return their data's statistics under it
+   (:meth:`..client.Client.fit_statistics`); the server sets the sample-weighted mean.
+
+Bytes are those serialized messages, down and up, in every way of running (the embedded runner
+passes them as bytes too). Dense, so not replayable: clients hold no model version afterwards.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import torch
 
-from ..messages import WeightsMessage
 from ..state import NO_MODEL
 from .base import Method, Phase
 
@@ -40,106 +49,76 @@ def rounds_under_budget(cfg) -> int:
     return max(1, min(cfg.rounds, n))
 
 
-def _flat(params: list) -> np.ndarray:
-    return np.concatenate([p.detach().reshape(-1).cpu().numpy() for p in params]).astype(np.float32)
+def client_rate(cfg, hi: bool) -> float:
+    """A client's width rate: 1 (full width) for high-resource clients, ``heterofl.lo_rate``
+    otherwise."""
+    return 1.0 if hi else float(cfg.heterofl.lo_rate)
 
 
-def _load(params: list, flat: np.ndarray) -> None:
-    off = 0
-    with torch.no_grad():
-        for p in params:
-            n = p.numel()
-            p.copy_(torch.from_numpy(flat[off:off + n]).reshape(p.shape).to(p))
-            off += n
-
-
-class _State:
-    """Per-run HeteroFL state on the driver: one sub-network per rate, slices, label masks."""
+class _ServerState:
+    """Per-run HeteroFL state of the server: one sub-network per rate (a buffer to slice the
+    global parameters into, in the sub-network's layout) and its slices of the global model."""
 
     def __init__(self, d):
         from .. import heterofl_models as H
         cfg, fed = d.cfg, d.fed
         self.subs, self.index = {}, {}
         for rate in {1.0, float(cfg.heterofl.lo_rate)}:
-            sub = H.build_sub_model(cfg, fed.dataset, rate).to(d.model.device if hasattr(
-                d.model, "device") else fed.device)
-            H.static_bn(sub)
-            H.add_scaler(sub, rate)
-            self.subs[rate] = sub
-            self.index[rate] = H.sub_index(d.model, sub)
-        K = fed.dataset.num_classes
-        self.masks = {}
-        for c, cl in enumerate(d.exchange.clients):
-            m = np.zeros(K, dtype=bool)
-            m[np.unique(cl.y.cpu().numpy())] = True
-            self.masks[c] = m
+            self.subs[rate] = H.sub_network(cfg, fed.dataset, rate, fed.device)
+            self.index[rate] = H.sub_index(d.model, self.subs[rate])
 
 
 def run_round(d, r: int, ids: list, nb, rec):
-    """One HeteroFL round through the driver ``d`` (embedded); returns the AggregateResult."""
+    """One HeteroFL round through the driver ``d``; returns the AggregateResult."""
     from .. import heterofl_models as H
-    from ..bn import bn_layers, local_statistics, set_statistics
+    from ..bn import bn_layers, set_statistics
+    from ..messages import StatsRequest, SubModelTask
     from ..server import AggregateResult
-    from ...seeds import derive_seed, TAG_SGD
-    if not hasattr(d.exchange, "clients"):
-        raise ValueError("HeteroFL runs embedded only (a deployment would need a width-carrying "
-                         "task message and a statistics reply)")
     st = getattr(d, "_heterofl", None)
     if st is None:
-        st = d._heterofl = _State(d)
+        st = d._heterofl = _ServerState(d)
     cfg, fed, srv = d.cfg, d.fed, d.server
-    w = cfg.warmup
-    lo = float(cfg.heterofl.lo_rate)
+    rate_of = {c: client_rate(cfg, bool(fed.hi[c])) for c in ids}
+    tasks = {}
+    for c in ids:
+        sub = st.subs[rate_of[c]]
+        H.extract(d.model, sub, st.index[rate_of[c]])
+        tasks[c] = SubModelTask(r, rate_of[c], H.flat_params(sub))
+    replies = d.exchange.heterofl(d, r, ids, tasks, nb, rec)
     res = AggregateResult()
     updates = []
     for c in ids:
-        rate = 1.0 if fed.hi[c] else lo
-        sub, index = st.subs[rate], st.index[rate]
-        H.extract(d.model, sub, index)
-        params = list(sub.parameters())
-        down = WeightsMessage(r, _flat(params), 0).to_bytes()
-        nb.add_down(c, len(down))
-        _load(params, WeightsMessage.from_bytes(down).values)
-        cl = d.exchange.clients[c]
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, TAG_SGD, r, c) >> 1)
-        H.local_train(sub, cl.x, cl.y, torch.from_numpy(st.masks[c]), w.client_lr, w.momentum,
-                      w.weight_decay, w.local_epochs, w.batch_size, gen)
-        up = WeightsMessage(r, _flat(params), cl.num_samples).to_bytes()
-        nb.add_up(c, len(up))
-        vals = WeightsMessage.from_bytes(up).values
         srv.held[c] = NO_MODEL
-        if not np.all(np.isfinite(vals)):
+        if c not in replies:  # timed out or rejected (a deployment)
+            continue
+        m = replies[c]
+        if m.values.shape != tasks[c].values.shape or not np.all(np.isfinite(m.values)):
             res.dropped.append(c)
             continue
         res.kept.append(c)
-        trained = {}
-        off = 0
-        for n, p in sub.named_parameters():
-            trained[n] = torch.from_numpy(vals[off:off + p.numel()].copy()).reshape(p.shape).to(
-                fed.device)
-            off += p.numel()
-        updates.append((index, trained, st.masks[c]))
+        sub = st.subs[rate_of[c]]
+        updates.append((st.index[rate_of[c]], H.unflatten(sub, m.values, fed.device), m.labels))
     if updates:
         H.aggregate(d.model, updates, fed.dataset.num_classes)
     if updates and bn_layers(d.model):
         # sBN: the global running statistics from the kept clients' data under the new model
+        stats = d.exchange.statistics(d, r, list(res.kept),
+                                      StatsRequest(r, srv.layout.flatten(d.model)), nb, rec)
         tot, acc = 0.0, None
-        for c in res.kept:
-            cl = d.exchange.clients[c]
-            s = WeightsMessage(r, local_statistics(d.model, cl.x, cfg.zo.micro_batch),
-                               cl.num_samples).to_bytes()
-            nb.add_up(c, len(s))
-            v = WeightsMessage.from_bytes(s).values.astype(np.float64) * cl.num_samples
+        for c in sorted(stats):
+            m = stats[c]
+            v = m.values.astype(np.float64) * m.num_samples
             acc = v if acc is None else acc + v
-            tot += cl.num_samples
-        set_statistics(d.model, (acc / tot).astype(np.float32))
+            tot += m.num_samples
+        if acc is not None:
+            set_statistics(d.model, (acc / tot).astype(np.float32))
     srv.log[r] = None
     res.kept.sort()
     res.dropped.sort()
     return res
 
 
-PHASE = Phase("heterofl", run_round, deployable=False, replayable=lambda cfg: False)
+PHASE = Phase("heterofl", run_round, deployable=True, replayable=lambda cfg: False)
 
 HETEROFL = Method(
     "heterofl", "HeteroFL",
