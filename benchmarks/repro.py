@@ -75,9 +75,15 @@ TABLES: dict[str, list] = {
 }
 
 
-#: the premise's reduced protocol (for compute): 60 rounds (pivot 24, 40% as the base), 10 of 50
-#: clients per ZO round; every method gets the same rounds, ZO only spends all 60 on ZO.
-PREMISE = ["rounds=60", "pivot=24", "zo.clients_per_round=10", "eval_every=10"]
+#: the premise's protocol: the paper's (every client in every ZO round, one step on the whole local
+#: data, c = 0.75) at 60 rounds (pivot 24, 40% as in the base) for compute; every method gets the
+#: same rounds, ZO only spends all 60 on ZO. The ZO learning rate is chosen per size and per method
+#: (ZOWarmUp and ZO only separately) from PREMISE_LRS by ``zowarmup sweep`` on a validation split of
+#: the training data (one seed per point): a rate tuned on the 10k model diverges on the 1M one, and
+#: the question is whether ZO from scratch works at its best rate, not at another model's.
+PREMISE = ["rounds=60", "pivot=24", "eval_every=10"]
+PREMISE_LRS = [0.2, 0.05, 0.0125]
+PREMISE_TUNED = ("zowarmup", "zo_only")
 
 
 def _premise_cells():
@@ -85,60 +91,94 @@ def _premise_cells():
     for h in (128, 512, 2048, 13312):
         cells.append((f"mlp hidden={h}", "digits", ["zowarmup", "high_res_only", "zo_only"],
                       PREMISE + [f"model.options={{hidden=[{h}]}}"]))
-    for w in ((8, 16, 32), (16, 32, 64), (32, 64, 128), (64, 128, 256)):
+    for w in ((8, 16, 32), (24, 48, 96), (48, 96, 192), (104, 208, 416)):
         cells.append((f"cnn widths={list(w)}", "digits", ["zowarmup", "high_res_only", "zo_only"],
                       PREMISE + ["model.name='cnn'", "model.norm='none'",
                                  f"model.options={{widths={list(w)}}}"]))
     return cells
 
 
+def premise_tune(label: str, ds: str, overrides: list, runs: Path, extra: list) -> dict:
+    """Per ZO method: the sweep over PREMISE_LRS on the validation split (resumable); returns
+    {method: {"lr": chosen, "table": [(lr, validation accuracy), ...], "folder": ...}}."""
+    from zowarmup.federated.config import load_config
+    from zowarmup.federated.sweep import run_sweep, sweep_table
+    slug = "".join(ch if ch.isalnum() else "_" for ch in label)
+    out = {}
+    for m in PREMISE_TUNED:
+        sd = runs / "premise_tune" / slug / m
+        if PARTIAL and not (sd / "sweep.json").exists():
+            continue
+        base = load_config(BASE, DATA[ds] + overrides + [f"method='{m}'", "baselines=[]",
+                                                         "num_seeds=1", "progress=false"] + extra)
+        if not PARTIAL:
+            run_sweep(base, {"zo.lr": PREMISE_LRS}, validation=0.2, sweep_dir=sd,
+                      progress=False, echo=None, jobs=JOBS)
+        t = sweep_table(sd)
+        if t["best"] is None:
+            continue
+        out[m] = {"lr": t["best"]["point"]["zo.lr"],
+                  "table": [[r["point"]["zo.lr"], r["results"].get(m, {}).get("mean")]
+                            for r in t["rows"]],
+                  "folder": str(sd.relative_to(REPO)) if sd.is_relative_to(REPO) else str(sd)}
+    return out
+
+
 TABLES["premise"] = _premise_cells()
 
 
 def run_cell(table: str, label: str, ds: str, methods: list, overrides: list, seeds: int,
-             runs: Path, extra: list) -> dict:
+             runs: Path, extra: list, per_method: dict | None = None) -> dict:
+    """Train one cell (every method, ``seeds`` seeds) and collect its final test accuracies.
+    ``per_method``: extra overrides per method; each method then trains in its own experiment
+    folder (``<cell>/<method>``) since the methods no longer share one config."""
     from zowarmup.federated.config import load_config
     from zowarmup.federated.experiment import run_experiment
     from zowarmup.models import count_parameters
     if ds == "fontdigits" and not FONT.exists():
         import subprocess
         subprocess.run([sys.executable, str(BENCH / "make_fontdigits.py")], check=True)
-    ov = DATA[ds] + overrides + [f"method='{methods[0]}'", f"baselines={json.dumps(methods[1:])}",
-                                 f"num_seeds={seeds}", "progress=false"] + extra
-    cfg = load_config(BASE, ov)
+    common = DATA[ds] + overrides + [f"num_seeds={seeds}", "progress=false"]
     slug = "".join(ch if ch.isalnum() else "_" for ch in label)
     ed = runs / table / slug
-    t0 = time.perf_counter()
-    if PARTIAL:
-        if not ed.exists():
-            return None
+    if per_method is None:
+        groups = [(ed, methods, [])]
     else:
+        groups = [(ed / m, [m], per_method.get(m, [])) for m in methods]
+    t0 = time.perf_counter()
+    cfg = None
+    for gdir, gm, gov in groups:
+        cfg = load_config(BASE, common + gov + [f"method='{gm[0]}'",
+                                                f"baselines={json.dumps(gm[1:])}"] + extra)
+        if PARTIAL:
+            continue
         if JOBS > 1:
             from zowarmup.federated.experiment import plan_runs
             from zowarmup.federated.parallel import run_jobs
-            run_jobs([(cfg.for_run(m, s), ed / name) for m, s, name in plan_runs(cfg)], JOBS)
-        run_experiment(cfg, exp_dir=ed, echo=None, progress=False)
+            run_jobs([(cfg.for_run(m, s), gdir / name) for m, s, name in plan_runs(cfg)], JOBS)
+        run_experiment(cfg, exp_dir=gdir, echo=None, progress=False)
     from zowarmup.federated.federation import Federation
     fed = Federation(cfg.for_run(methods[0], cfg.seed), clients=False)
     nparams = count_parameters(fed.model)
     res = {}
-    for m in methods:
-        accs, curves = [], []
-        for s in range(cfg.seed, cfg.seed + seeds):
-            rd = ed / f"{m}-seed{s}"
-            if not (rd / "summary.json").exists():
-                continue  # --partial: a run that did not finish
-            summ = json.loads((rd / "summary.json").read_text())
-            accs.append(100 * summ["final_accuracy"])
-            curves.append([(r["round"], r["accuracy"]) for r in
-                           map(json.loads, (rd / "metrics.jsonl").read_text().splitlines())
-                           if r["accuracy"] is not None])
-            rounds = summ["rounds"]
-        if not accs:
-            continue
-        res[m] = {"accuracies": accs, "mean": statistics.fmean(accs),
-                  "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs),
-                  "rounds": rounds, "curves": curves}
+    for gdir, gm, _ in groups:
+        for m in gm:
+            accs, curves = [], []
+            for s in range(cfg.seed, cfg.seed + seeds):
+                rd = gdir / f"{m}-seed{s}"
+                if not (rd / "summary.json").exists():
+                    continue  # --partial: a run that did not finish
+                summ = json.loads((rd / "summary.json").read_text())
+                accs.append(100 * summ["final_accuracy"])
+                curves.append([(r["round"], r["accuracy"]) for r in
+                               map(json.loads, (rd / "metrics.jsonl").read_text().splitlines())
+                               if r["accuracy"] is not None])
+                rounds = summ["rounds"]
+            if not accs:
+                continue
+            res[m] = {"accuracies": accs, "mean": statistics.fmean(accs),
+                      "std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "n": len(accs),
+                      "rounds": rounds, "curves": curves}
     if not res:
         return None
     return {"partial": PARTIAL, "config": {"table": table, "cell": label, "data": ds, "overrides": overrides,
@@ -221,9 +261,21 @@ def main(argv=None):
                     rows.append(prev[label])
                 continue
             print(f"[{time.strftime('%H:%M:%S')}] {t}: {label} ...", flush=True)
-            row = run_cell(t, label, ds, methods, overrides, a.seeds, Path(a.runs), a.set)
+            per_method = tuned = None
+            if t == "premise":
+                tuned = premise_tune(label, ds, overrides, Path(a.runs), a.set)
+                if PARTIAL and set(tuned) != set(PREMISE_TUNED):
+                    continue
+                per_method = {m: [f"zo.lr={v['lr']}"] for m, v in tuned.items()}
+                print("   tuned zo.lr: " + ", ".join(f"{m} {v['lr']}" for m, v in tuned.items()),
+                      flush=True)
+            row = run_cell(t, label, ds, methods, overrides, a.seeds, Path(a.runs), a.set,
+                           per_method=per_method)
             if row is None:
                 continue
+            if tuned is not None:
+                row["tuning"] = {"grid": {"zo.lr": PREMISE_LRS}, "validation": 0.2, "seeds": 1,
+                                 "chosen": tuned}
             row["command"] = "python benchmarks/repro.py " + shlex.join(sys.argv[1:] if argv is None else argv)
             rows.append(row)
             print("   " + ", ".join(f"{m} {v['mean']:.1f}({v['std']:.1f})"
