@@ -12,7 +12,7 @@
 //  3. Sums: per group and 16 elements, vpsrld + vpermps (the 16-entry table is one zmm) + vaddps,
 //     i.e. 3 uops per 64 element-seeds instead of 3 per 16 with a per-seed select.
 // K = 1 float32 (perturb_) has its own memory-bound loop: vpsllvd + vpternlogd put bit j into the
-// sign of -c, and the next 16 blocks' Philox rounds are spread between the current loads and stores.
+// sign of -c; one Philox burst per 16 blocks.
 #pragma once
 
 #if defined(__x86_64__)
@@ -129,64 +129,63 @@ ZO_AVX512 inline void block_counters(uint64_t b, __m512i& lo, __m512i& hi) {
   hi = _mm512_load_si512(h);
 }
 
-// K = 1, float32 (perturb_): memory-bound, so the Philox rounds for the next 16 blocks are spread
-// between the current 16 blocks' loads and stores (one round after each of the first 10 blocks)
-// instead of running as a burst during which no memory traffic is issued.
-ZO_AVX512 void rademacher_k1_f32_avx512(float* x, uint64_t block0, int64_t nblocks, uint64_t seed,
-                                        float c, float decay) {
+// K = 1, float32 (perturb_): memory-bound. Per group of 16 blocks one 16-lane Philox (lanes over
+// blocks) as a burst, then per block 8 x (vpsllvd + vpternlogd: bit j into the sign of -c, load, add,
+// store). The loop is instantiated per (decay != 1, c == 0) so that it has no branches.
+// (Measured on the Zen 5 machine, one thread, 100M floats, thread CPU time against a plain AVX-512
+// x + c loop: 0.99-1.01 this way; 1.13-1.16 with the earlier scheme that spread the next group's
+// Philox rounds one per block between the loads and stores.)
+template <bool kDecay, bool kZeroC>
+ZO_AVX512 inline void rademacher_k1_f32_avx512_t(float* x, uint64_t block0, int64_t nblocks,
+                                                 uint64_t seed, float c, float decay) {
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i sh_lo = _mm512_sub_epi32(_mm512_set1_epi32(31), iota);
   const __m512i sh_hi = _mm512_sub_epi32(_mm512_set1_epi32(15), iota);
   const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
   const __m512i nc = _mm512_set1_epi32((int)f2u(-c));
   const __m512 d = _mm512_set1_ps(decay);
-  const bool zero_c = c == 0.0f;  // then acc = 0 + (±0) must be formed explicitly (signed zeros)
   const __m512i k0 = _mm512_set1_epi32((int)zo::key_lo(seed));
   const __m512i k1 = _mm512_set1_epi32((int)zo::key_hi(seed));
   alignas(64) uint32_t cur[4][16];
-  {
-    __m512i lo, hi, out[4];
-    block_counters(block0, lo, hi);
-    philox16(lo, hi, k0, k1, out);
-    for (int q = 0; q < 4; ++q) _mm512_store_si512(cur[q], out[q]);
-  }
   for (int64_t g0 = 0; g0 < nblocks; g0 += kGroup) {
     const int G = (int)std::min<int64_t>(kGroup, nblocks - g0);
-    Philox16State nx;
-    block_counters(block0 + (uint64_t)(g0 + kGroup), nx.c0, nx.c1);
-    nx.c2 = _mm512_setzero_si512();
-    nx.c3 = _mm512_setzero_si512();
-    nx.k0 = k0;
-    nx.k1 = k1;
-    int rounds = 0;
+    {
+      __m512i lo, hi, out[4];
+      block_counters(block0 + (uint64_t)g0, lo, hi);
+      philox16(lo, hi, k0, k1, out);
+      for (int q = 0; q < 4; ++q) _mm512_store_si512(cur[q], out[q]);
+    }
     for (int g = 0; g < G; ++g) {
       float* xb = x + (g0 + g) * (int64_t)zo::kBlock;
       for (int q = 0; q < 4; ++q) {
         const __m512i w = _mm512_set1_epi32((int)cur[q][g]);
         __m512 t0 = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_lo), sign, nc, 0x6A));
         __m512 t1 = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_hi), sign, nc, 0x6A));
-        if (zero_c) {
+        if (kZeroC) {  // acc = 0 + (±0) must be formed explicitly (signed zeros)
           t0 = _mm512_add_ps(_mm512_setzero_ps(), t0);
           t1 = _mm512_add_ps(_mm512_setzero_ps(), t1);
         }
         __m512 x0 = _mm512_loadu_ps(xb + 32 * q), x1 = _mm512_loadu_ps(xb + 32 * q + 16);
-        if (decay != 1.0f) {
+        if (kDecay) {
           x0 = _mm512_mul_ps(x0, d);
           x1 = _mm512_mul_ps(x1, d);
         }
         _mm512_storeu_ps(xb + 32 * q, _mm512_add_ps(x0, t0));
         _mm512_storeu_ps(xb + 32 * q + 16, _mm512_add_ps(x1, t1));
       }
-      if (rounds < zo::kRounds) {
-        philox16_round(nx);
-        ++rounds;
-      }
     }
-    for (; rounds < zo::kRounds; ++rounds) philox16_round(nx);
-    _mm512_store_si512(cur[0], nx.c0);
-    _mm512_store_si512(cur[1], nx.c1);
-    _mm512_store_si512(cur[2], nx.c2);
-    _mm512_store_si512(cur[3], nx.c3);
+  }
+}
+
+ZO_AVX512 inline void rademacher_k1_f32_avx512(float* x, uint64_t block0, int64_t nblocks,
+                                               uint64_t seed, float c, float decay) {
+  const bool dec = decay != 1.0f, zc = c == 0.0f;
+  if (dec) {
+    if (zc) rademacher_k1_f32_avx512_t<true, true>(x, block0, nblocks, seed, c, decay);
+    else rademacher_k1_f32_avx512_t<true, false>(x, block0, nblocks, seed, c, decay);
+  } else {
+    if (zc) rademacher_k1_f32_avx512_t<false, true>(x, block0, nblocks, seed, c, decay);
+    else rademacher_k1_f32_avx512_t<false, false>(x, block0, nblocks, seed, c, decay);
   }
 }
 
