@@ -76,6 +76,27 @@ def test_paths_block_counter_high_word(backend, K):
             f"{backend.path} K={K} tensor {k}: {int((t != w).sum())} elements differ"
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("backend", CPU_PATH_PARAMS)
+def test_paths_equal_leading_seeds(backend):
+    """Seeds 0 and 1 equal with K <= 4 (the backend merges them into one term with coefficient
+    c_0 + c_1): same bits as the reference, including c_1 = -c_0, signed zeros and an fp32
+    overflow of c_0 + c_1; float32 and bfloat16, with and without decay."""
+    select(backend)
+    g = torch.Generator().manual_seed(3)
+    cases = [([7, 7], [0.25, 0.5]), ([7, 7], [0.25, -0.25]), ([7, 7], [-0.0, 0.0]),
+             ([7, 7], [-0.0, -0.0]), ([2**64 - 1] * 2, [3e38, 3e38]), ([9, 9, 4], [1e-3, 2.5e-3, 1.0]),
+             ([9, 9, 4, 9], [0.5, -0.5, 1e-4, 3.0]), ([5, 5, 5, 5], [1.0, 2.0, 3.0, 4.0])]
+    for seeds, coeffs in cases:
+        for dt in (torch.float32, torch.bfloat16):
+            for decay in (1.0, 0.75):
+                ts = [torch.randn(128 * 20 + 7, generator=g).to(dt), torch.zeros(300, dtype=dt)]
+                want = _expected(ts, seeds, coeffs, decay, 5)
+                zo_kernels.apply_seeds_(ts, seeds, coeffs, decay=decay, backend=backend, offset=5)
+                for t, w in zip(ts, want):
+                    assert torch.equal(_bits(t), _bits(w)), f"{backend.path} {seeds} {coeffs} {dt} {decay}"
+
+
 @pytest.mark.parametrize("backend", CPU_PATH_PARAMS)
 def test_paths_special_values(backend):
     """Zero coefficients (signed zeros), NaN, infinities and float16/bfloat16 overflow in the data:
