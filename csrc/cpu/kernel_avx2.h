@@ -171,38 +171,6 @@ ZO_AVX2 void rademacher_direct_avx2(void* p, int dt, uint64_t block0, int64_t nb
   }
 }
 
-// acc[v] = acc[v] + T[nibble n of I[v]] for 8 vectors of 8 elements: the 16-entry table is two
-// 8-entry halves looked up with vpermps and chosen by bit 3 of the nibble (moved to the sign by a
-// left shift) with vblendvps. The nibble position is a template argument, so both shifts take an
-// immediate count (with a count in a register they measured 5% slower here).
-template <int N>
-ZO_AVX2 inline __attribute__((always_inline)) void table_lookup8(const uint32_t* ib, const float* T,
-                                                                __m256 acc[8]) {
-  const __m256 TL = _mm256_loadu_ps(T), TH = _mm256_loadu_ps(T + 8);
-#pragma GCC unroll 8
-  for (int v = 0; v < 8; ++v) {
-    const __m256i I = _mm256_load_si256(reinterpret_cast<const __m256i*>(ib + 8 * v));
-    const __m256i ix = _mm256_srli_epi32(I, 4 * N);
-    const __m256 lo = _mm256_permutevar8x32_ps(TL, ix);
-    const __m256 hi = _mm256_permutevar8x32_ps(TH, ix);
-    const __m256 t = _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(I, 28 - 4 * N)));
-    acc[v] = _mm256_add_ps(acc[v], t);
-  }
-}
-
-// The groups gi = 8u + gl < ngb of one 32-seed chunk u, in order (group gl sits in nibble
-// 4 (gl % 2) + gl / 2, see transpose32_avx2).
-ZO_AVX2 inline void table_chunk(const uint32_t* ib, const float* Tu, int ng, __m256 acc[8]) {
-  if (ng > 0) table_lookup8<0>(ib, Tu, acc);
-  if (ng > 1) table_lookup8<4>(ib, Tu + 16, acc);
-  if (ng > 2) table_lookup8<1>(ib, Tu + 32, acc);
-  if (ng > 3) table_lookup8<5>(ib, Tu + 48, acc);
-  if (ng > 4) table_lookup8<2>(ib, Tu + 64, acc);
-  if (ng > 5) table_lookup8<6>(ib, Tu + 80, acc);
-  if (ng > 6) table_lookup8<3>(ib, Tu + 96, acc);
-  if (ng > 7) table_lookup8<7>(ib, Tu + 112, acc);
-}
-
 // K >= 16 (see the top of the file). tables: the call's subset-sum tables (16 floats per group).
 ZO_AVX2 void rademacher_table_avx2(void* p, int dt, uint64_t block0, int64_t nblocks,
                                   const uint64_t* seeds, const float* tables, int K, float decay) {
