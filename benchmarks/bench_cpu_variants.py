@@ -19,8 +19,8 @@ runs it ``--runs`` times in fresh processes and writes the median of each varian
 - ``piece`` (avx2): the transposes and the lookups of the two table schemes timed alone.
 - ``philox``: Philox4x32-10 on 16 lanes (one 128-element block and 16 seeds; avx2: two 8-lane
   evaluations), checked against the project's scalar Philox (``csrc/philox.h``), one evaluation at a
-  time and 4 interleaved; ``avx2_4_interleaved_r2shared`` is the avx2 kernel's loop, which builds
-  rounds 1 and 2 from a per-block and a per-seed product shared across blocks and seeds.
+  time and 4 interleaved; ``*_r2shared`` are the kernels' loops, which build rounds 1 and 2 from a
+  per-block and a per-seed product shared across blocks and seeds.
 
 The summary line per path adds the fastest bit-exact grouped ``accumulate`` and the fastest
 ``philox`` (per 16 element-seeds) and scales it to ``apply_seeds_`` K = 64 on 100M float32 on 2

@@ -243,6 +243,48 @@ ZO_T void philox(const __m512i* c0, __m512i c1, const __m512i* rk, __m512i (*o)[
   for (int m = 0; m < M; ++m) { o[m][0] = x0[m]; o[m][1] = x1[m]; o[m][2] = x2[m]; o[m][3] = x3[m]; }
 }
 
+// shuffle, from round 2 on (the kernel's loop, philox16_multi_r2 in csrc/cpu/kernel_avx512.h): rounds
+// 1 and 2 from the block's product A c0 (one per call, shared by the chains) and the seeds' part
+// A (c1 ^ k0) (SP_*, computed once: the kernel shares it across blocks).
+__m512i SP_H, SP_L;
+ZO_T static void philox_seed_part_init(__m512i c1, const __m512i* rk) {
+  const __m512i A = _mm512_set1_epi64(RA);
+  const __m512i x = _mm512_xor_si512(rk[0], c1);
+  const __m512i ae = _mm512_mul_epu32(x, A), ao = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), A);
+  SP_H = _mm512_xor_si512(_mm512_mask_shuffle_epi32(ao, (__mmask16)0x5555, ae, (_MM_PERM_ENUM)0xF5), rk[3]);
+  SP_L = _mm512_mask_shuffle_epi32(ae, (__mmask16)0xAAAA, ao, (_MM_PERM_ENUM)0xA0);
+}
+template <int M>
+ZO_T void philox_r2(const __m512i* c0, __m512i c1, const __m512i* rk, __m512i (*o)[4]) {
+  (void)c1;
+  const __m512i A = _mm512_set1_epi64(RA), B = _mm512_set1_epi64(RB);
+  const __m512i pe = _mm512_mul_epu32(c0[0], A);  // lanes hold one block: c0 is the same in every lane
+  const __m512i hA1 = _mm512_permutexvar_epi32(_mm512_set1_epi32(1), pe), lA1 = _mm512_permutexvar_epi32(_mm512_setzero_si512(), pe);
+  __m512i x0[M], x1[M], x2[M], x3[M];
+  for (int m = 0; m < M; ++m) {
+    const __m512i y = _mm512_xor_si512(hA1, rk[1]);
+    const __m512i be = _mm512_mul_epu32(y, B), bo = _mm512_mul_epu32(_mm512_srli_epi64(y, 32), B);
+    x0[m] = _mm512_xor_si512(_mm512_mask_shuffle_epi32(bo, (__mmask16)0x5555, be, (_MM_PERM_ENUM)0xF5), rk[2]);
+    x1[m] = _mm512_mask_shuffle_epi32(be, (__mmask16)0xAAAA, bo, (_MM_PERM_ENUM)0xA0);
+    x2[m] = _mm512_xor_si512(SP_H, lA1);
+    x3[m] = SP_L;
+  }
+  for (int r = 2; r < 10; ++r) {
+    for (int m = 0; m < M; ++m) {
+      const __m512i ae = _mm512_mul_epu32(x0[m], A), ao = _mm512_mul_epu32(_mm512_srli_epi64(x0[m], 32), A);
+      const __m512i be = _mm512_mul_epu32(x2[m], B), bo = _mm512_mul_epu32(_mm512_srli_epi64(x2[m], 32), B);
+      const __m512i hiA = _mm512_mask_shuffle_epi32(ao, (__mmask16)0x5555, ae, (_MM_PERM_ENUM)0xF5);
+      const __m512i loA = _mm512_mask_shuffle_epi32(ae, (__mmask16)0xAAAA, ao, (_MM_PERM_ENUM)0xA0);
+      const __m512i hiB = _mm512_mask_shuffle_epi32(bo, (__mmask16)0x5555, be, (_MM_PERM_ENUM)0xF5);
+      const __m512i loB = _mm512_mask_shuffle_epi32(be, (__mmask16)0xAAAA, bo, (_MM_PERM_ENUM)0xA0);
+      x0[m] = _mm512_ternarylogic_epi32(hiB, x1[m], rk[2 * r], 0x96);
+      x2[m] = _mm512_ternarylogic_epi32(hiA, x3[m], rk[2 * r + 1], 0x96);
+      x1[m] = loB; x3[m] = loA;
+    }
+  }
+  for (int m = 0; m < M; ++m) { o[m][0] = x0[m]; o[m][1] = x1[m]; o[m][2] = x2[m]; o[m][3] = x3[m]; }
+}
+
 // ---- AVX2 (the avx2 path's schemes) -------------------------------------------------------
 #define ZO_T2 ZO_AVX2 __attribute__((noinline))
 // K < 16 scheme: per group, T = s_0 c_0 + s_1 c_1 + ... (vpsllvd + vblendvps per seed), acc += T.
@@ -586,7 +628,9 @@ ZO_T static void run_avx512() {
   const int N = 200000;
   struct P { const char* name; int M; PhiloxFn f; } ps[] = {
       {"blend_one_at_a_time", 1, philox<1, false>}, {"shuffle_one_at_a_time", 1, philox<1, true>},
-      {"blend_4_interleaved", 4, philox<4, false>}, {"shuffle_4_interleaved", 4, philox<4, true>}};
+      {"blend_4_interleaved", 4, philox<4, false>}, {"shuffle_4_interleaved", 4, philox<4, true>},
+      {"shuffle_4_interleaved_r2shared", 4, philox_r2<4>}};
+  philox_seed_part_init(c1, RK);
   for (const P& p : ps) {
     for (int m = 0; m < 4; ++m) C0[m] = _mm512_set1_epi32(77);
     p.f(C0, c1, RK, OUT);
