@@ -242,7 +242,7 @@ std::string cpu_isa() {
   const int s = selected_isa().load();
   std::string out = isa_name(s);
   if (s == ISA_AVX512) {
-    out += m.avx512_gfni ? " (vbmi, gfni)" : " (no vbmi/gfni: K <= 8 float32 only, avx2 loops otherwise)";
+    out += m.avx512_gfni ? " (vbmi, gfni)" : " (no vbmi/gfni: K <= 8 only, avx2 loops otherwise)";
   } else if (s == ISA_AVX2) {
     out += " (x86-64-v3";
   } else {

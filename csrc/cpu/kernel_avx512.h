@@ -12,8 +12,8 @@
 //     tiles into qwords, gf2p8affineqb transposes each tile, vpermt2b places the bytes in lanes.
 //  3. Sums: per group and 16 elements, vpsrld + vpermps (the 16-entry table is one zmm) + vaddps,
 //     i.e. 3 uops per 64 element-seeds instead of 3 per 16 with a per-seed select.
-// K <= 8 float32 (perturb_, the ZO step's passes) has its own loop: vpsllvd + vpternlogd put bit j
-// into the sign of -c_k, the group sums are computed; one Philox burst per 16 blocks.
+// K <= 8 (perturb_, the ZO step's passes) has its own loop: vpsllvd + vpternlogd put bit j into the
+// sign of -c_k, the group sums are computed; one Philox burst per 16 blocks.
 #pragma once
 
 #if defined(__x86_64__)
@@ -24,11 +24,14 @@
 
 #include "../philox.h"
 #include "grouped_sum.h"
+#include "kernel_avx2.h"
 #include "kernel_common.h"
 
 namespace zo_cpu {
 
-#define ZO_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+// With the x86-64-v3 features too (every AVX-512 CPU has them, and isa.h requires them for this
+// path), so that the avx2 path's helpers (finalize8: bfloat16/float16 rounding) inline here.
+#define ZO_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi,bmi2,f16c")))
 
 // Finalize one block: x = x * decay + acc (f32 in registers; other dtypes through a scalar round).
 ZO_AVX512 inline void finalize_block_avx512(void* p, int dt, int64_t eb, const __m512* acc,
@@ -44,12 +47,14 @@ ZO_AVX512 inline void finalize_block_avx512(void* p, int dt, int64_t eb, const _
     }
     return;
   }
-  alignas(64) float a[zo::kBlock];
-  for (int v = 0; v < 8; ++v) _mm512_store_ps(a + 16 * v, acc[v]);
-  for (int i = 0; i < zo::kBlock; ++i) {
-    float xi = load_elem(p, dt, eb + i);
-    if (decay != 1.0f) xi = xi * decay;
-    store_elem(p, dt, eb + i, xi + a[i]);
+  // bfloat16 / float16: the avx2 path's 8-element load, update and rounding store (same bits as
+  // c10's scalar conversions; a scalar loop through c10::Half here took 6-18x the avx2 path's time).
+  const bool dec = decay != 1.0f;
+  const __m256 dv = _mm256_set1_ps(decay);
+  for (int v = 0; v < 8; ++v) {
+    finalize8(p, dt, eb + 16 * v, _mm512_castps512_ps256(acc[v]), dec, dv);
+    finalize8(p, dt, eb + 16 * v + 8,
+              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[v]), 1)), dec, dv);
   }
 }
 
@@ -175,13 +180,14 @@ ZO_AVX512 inline void block_counters(uint64_t b, __m512i& lo, __m512i& hi) {
   hi = _mm512_load_si512(h);
 }
 
-// K <= 8 (two groups), float32: memory-bound or nearly (perturb_ is K = 1; the ZO step's passes are
-// K = 1, 2 and S + 1). Per group of 16 blocks one 16-lane Philox per seed (lanes over blocks, up to
+// K <= 8 (two groups), any dtype: memory-bound or nearly (perturb_ is K = 1; the ZO step's passes
+// are K = 1, 2 and S + 1). Per group of 16 blocks one 16-lane Philox per seed (lanes over blocks, up to
 // 4 seeds interleaved) as a burst, then per block and 16 elements: per seed vpsllvd + vpternlogd (bit
 // j into the sign of -c_k), each group sum T_g = ((t_0 + t_1) + t_2) + t_3 computed (it is the table
 // entry's defining expression, so the bits are the table's), acc = 0 + T_0 (or T_0 when a
-// coefficient of group 0 is nonzero: then T_0 is never -0), acc = acc + T_1, x = x (* decay) + acc.
-// Instantiated per (K, decay != 1, 0 + T_0 needed) so that the loop has no branches. One thread,
+// coefficient of group 0 is nonzero: then T_0 is never -0), acc = acc + T_1, x = x (* decay) + acc
+// (bfloat16 / float16 through the avx2 path's finalize8). Instantiated per (K, decay != 1, 0 + T_0
+// needed, float32) so that the loop has no branches. One thread,
 // 32768 floats in L2: 0.064 ms per 1M elements at K = 2 (grouped loop: 0.155), 0.178 at K = 8
 // (grouped: 0.242).
 // (Measured on the Zen 5 machine, one thread, 100M floats, thread CPU time against a plain AVX-512
@@ -190,10 +196,12 @@ ZO_AVX512 inline void block_counters(uint64_t b, __m512i& lo, __m512i& hi) {
 // grouped loop below, 1.0x here.)
 constexpr int kSmallMaxK = 8;
 
-template <int N, bool kDecay, bool kZeroAdd>
-ZO_AVX512 inline void rademacher_small_f32_avx512_t(float* x, uint64_t block0, int64_t nblocks,
-                                                    const uint64_t* seeds, const float* coeffs,
-                                                    float decay) {
+template <int N, bool kDecay, bool kZeroAdd, bool kF32>
+ZO_AVX512 inline void rademacher_small_avx512_t(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                                const uint64_t* seeds, const float* coeffs,
+                                                float decay) {
+  float* x = static_cast<float*>(p);
+  const __m256 dv = _mm256_set1_ps(decay);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i sh_lo = _mm512_sub_epi32(_mm512_set1_epi32(31), iota);
   const __m512i sh_hi = _mm512_sub_epi32(_mm512_set1_epi32(15), iota);
@@ -228,7 +236,8 @@ ZO_AVX512 inline void rademacher_small_f32_avx512_t(float* x, uint64_t block0, i
         for (int q = 0; q < 4; ++q) _mm512_store_si512(cur[k][q], out[k][q]);
     }
     for (int g = 0; g < G; ++g) {
-      float* xb = x + (g0 + g) * (int64_t)zo::kBlock;
+      const int64_t eb = (g0 + g) * (int64_t)zo::kBlock;
+      float* xb = x + eb;
       for (int q = 0; q < 4; ++q) {
         __m512 t0, t1, a0, a1;
         for (int k = 0; k < N; ++k) {
@@ -253,6 +262,14 @@ ZO_AVX512 inline void rademacher_small_f32_avx512_t(float* x, uint64_t block0, i
         }
         t0 = a0;
         t1 = a1;
+        if (!kF32) {  // bfloat16 / float16: the avx2 path's 8-element update and rounding store
+          const int64_t e = eb + 32 * q;
+          finalize8(p, dt, e, _mm512_castps512_ps256(t0), kDecay, dv);
+          finalize8(p, dt, e + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t0), 1)), kDecay, dv);
+          finalize8(p, dt, e + 16, _mm512_castps512_ps256(t1), kDecay, dv);
+          finalize8(p, dt, e + 24, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t1), 1)), kDecay, dv);
+          continue;
+        }
         __m512 x0 = _mm512_loadu_ps(xb + 32 * q), x1 = _mm512_loadu_ps(xb + 32 * q + 16);
         if (kDecay) {
           x0 = _mm512_mul_ps(x0, d);
@@ -265,35 +282,43 @@ ZO_AVX512 inline void rademacher_small_f32_avx512_t(float* x, uint64_t block0, i
   }
 }
 
-template <int N>
-ZO_AVX512 inline void rademacher_small_f32_avx512_n(float* x, uint64_t block0, int64_t nblocks,
-                                                    const uint64_t* seeds, const float* coeffs,
-                                                    float decay) {
+template <int N, bool kF32>
+ZO_AVX512 inline void rademacher_small_avx512_n(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                                const uint64_t* seeds, const float* coeffs,
+                                                float decay) {
   bool nonzero = false;  // in group 0
   for (int k = 0; k < std::min(N, kSumGroup); ++k) nonzero |= coeffs[k] != 0.0f;
   if (decay != 1.0f) {
-    if (nonzero) rademacher_small_f32_avx512_t<N, true, false>(x, block0, nblocks, seeds, coeffs, decay);
-    else rademacher_small_f32_avx512_t<N, true, true>(x, block0, nblocks, seeds, coeffs, decay);
+    if (nonzero) rademacher_small_avx512_t<N, true, false, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay);
+    else rademacher_small_avx512_t<N, true, true, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay);
   } else {
-    if (nonzero) rademacher_small_f32_avx512_t<N, false, false>(x, block0, nblocks, seeds, coeffs, decay);
-    else rademacher_small_f32_avx512_t<N, false, true>(x, block0, nblocks, seeds, coeffs, decay);
+    if (nonzero) rademacher_small_avx512_t<N, false, false, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay);
+    else rademacher_small_avx512_t<N, false, true, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay);
   }
 }
 
-// K in 1..kSmallMaxK, float32.
-ZO_AVX512 inline void rademacher_small_f32_avx512(float* x, uint64_t block0, int64_t nblocks,
-                                                  const uint64_t* seeds, const float* coeffs,
-                                                  int K, float decay) {
+template <bool kF32>
+ZO_AVX512 inline void rademacher_small_avx512_dt(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                                 const uint64_t* seeds, const float* coeffs, int K,
+                                                 float decay) {
   switch (K) {
-    case 1: rademacher_small_f32_avx512_n<1>(x, block0, nblocks, seeds, coeffs, decay); break;
-    case 2: rademacher_small_f32_avx512_n<2>(x, block0, nblocks, seeds, coeffs, decay); break;
-    case 3: rademacher_small_f32_avx512_n<3>(x, block0, nblocks, seeds, coeffs, decay); break;
-    case 4: rademacher_small_f32_avx512_n<4>(x, block0, nblocks, seeds, coeffs, decay); break;
-    case 5: rademacher_small_f32_avx512_n<5>(x, block0, nblocks, seeds, coeffs, decay); break;
-    case 6: rademacher_small_f32_avx512_n<6>(x, block0, nblocks, seeds, coeffs, decay); break;
-    case 7: rademacher_small_f32_avx512_n<7>(x, block0, nblocks, seeds, coeffs, decay); break;
-    default: rademacher_small_f32_avx512_n<8>(x, block0, nblocks, seeds, coeffs, decay); break;
+    case 1: rademacher_small_avx512_n<1, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 2: rademacher_small_avx512_n<2, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 3: rademacher_small_avx512_n<3, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 4: rademacher_small_avx512_n<4, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 5: rademacher_small_avx512_n<5, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 6: rademacher_small_avx512_n<6, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 7: rademacher_small_avx512_n<7, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    default: rademacher_small_avx512_n<8, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
   }
+}
+
+// K in 1..kSmallMaxK, any dtype.
+ZO_AVX512 inline void rademacher_small_avx512(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                              const uint64_t* seeds, const float* coeffs, int K,
+                                              float decay) {
+  if (dt == F32) rademacher_small_avx512_dt<true>(p, dt, block0, nblocks, seeds, coeffs, K, decay);
+  else rademacher_small_avx512_dt<false>(p, dt, block0, nblocks, seeds, coeffs, K, decay);
 }
 
 // AVX-512 fast path (grouped order). Per group of up to 16 blocks and batch of up to 64 seeds:
