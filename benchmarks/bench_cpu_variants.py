@@ -11,10 +11,21 @@ runs it ``--runs`` times in fresh processes and writes the median of each varian
   checked bit for bit against a scalar implementation of that order. AVX-512 machines only.
 - ``accumulate`` with ``isa = avx2``: the avx2 path's two schemes (``avx2_direct_sllv_blendv``,
   K < 16; ``avx2_transpose_permps2``, K >= 16), the kernel's own code (``csrc/cpu/avx2_blocks.h``),
-  checked against the same scalar grouped order.
+  checked against the same scalar grouped order; and the K >= 16 alternatives tried for it: shift
+  counts in a register (``_regshift``, the previous loop), every add as ``fma(1, t, acc)``
+  (``_fma``), symmetric 8-entry tables (``avx2_transpose_sym_permps``: T[m ^ 15] = -T[m]) and
+  byte-plane lookups (``avx2_tiles_pshufb_planes``: 8 x 8 bit tiles transposed by delta swaps, four
+  vpshufb + eight unpacks per group and 32 elements).
+- ``piece`` (avx2): the transposes and the lookups of the two table schemes timed alone.
 - ``philox``: Philox4x32-10 on 16 lanes (one 128-element block and 16 seeds; avx2: two 8-lane
   evaluations), checked against the project's scalar Philox (``csrc/philox.h``), one evaluation at a
-  time and 4 interleaved.
+  time and 4 interleaved; ``*_r2shared`` are the kernels' loops, which build rounds 1 and 2 from a
+  per-block and a per-seed product shared across blocks and seeds.
+
+The summary line per path adds the fastest bit-exact grouped ``accumulate`` and the fastest
+``philox`` (per 16 element-seeds) and scales it to ``apply_seeds_`` K = 64 on 100M float32 on 2
+threads, beside ``add_`` from ``benchmarks/results/kernels_cpu.json`` (same machine): the arithmetic
+floor of the kernel's scheme, before any memory traffic.
 
 Single thread, data in L1, timed in CPU time of the thread (``CLOCK_THREAD_CPUTIME_ID``: time slices
 other processes take on a shared machine do not count); cycles use a clock calibrated the same way by
@@ -38,6 +49,21 @@ from _common import write_rows  # noqa: E402
 
 SRC = Path(__file__).resolve().parent / "cpu_variants" / "variants.cpp"
 FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-fast-math"]
+
+
+def _add_ms() -> float | None:
+    """Median add_ time of the last kernels_cpu run (100M float32), if there is one."""
+    path = Path(__file__).resolve().parent / "results" / "kernels_cpu.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    rows = data if isinstance(data, list) else data.get("rows", [])
+    for r in rows:
+        c, f = r.get("config", {}), r.get("figures", {})
+        if c.get("op") == "add_" and c.get("n") == 100_000_000 and "median_s" in f:
+            return f["median_s"] * 1e3
+    return None
 
 
 def main(argv=None) -> int:
@@ -79,9 +105,25 @@ def main(argv=None) -> int:
         f = r["figures"]
         ns = f.get("ns_per_16_element_seeds", f.get("ns_per_16_lanes"))
         unit = "ns/16 element-seeds" if "ns_per_16_element_seeds" in f else "ns/16 lanes"
-        print(f"{r['config']['part']:<11}{r['config']['isa'] or '':<8}{r['config']['variant']:<30}"
+        print(f"{r['config']['part']:<11}{r['config']['isa'] or '':<8}{r['config']['variant']:<34}"
               f"{ns:8.3f} {unit:<22}"
               f"{'' if f['bit_exact'] else 'NOT BIT-EXACT'}")
+    add_ms = _add_ms()
+    for isa in ("avx512", "avx2"):
+        acc = [r["figures"]["ns_per_16_element_seeds"] for r in rows
+               if r["config"]["part"] == "accumulate" and r["config"]["isa"] == isa
+               and r["figures"]["bit_exact"] and r["figures"].get("order") == "grouped"]
+        phx = [r["figures"]["ns_per_16_lanes"] / 128.0 for r in rows
+               if r["config"]["part"] == "philox" and r["config"]["isa"] == isa
+               and r["figures"]["bit_exact"]]
+        if not acc or not phx:
+            continue
+        per16 = min(acc) + min(phx)
+        k64_ms = 100e6 * 64 / 16 * per16 * 1e-9 / 2 * 1e3  # 100M elements, K = 64, 2 threads
+        tail = f" = {k64_ms / add_ms:.1f}x add_ ({add_ms:.2f} ms, kernels_cpu.json)" if add_ms else ""
+        print(f"{isa}: fastest grouped accumulate {min(acc):.3f} + fastest Philox {min(phx):.3f} = "
+              f"{per16:.3f} ns per 16 element-seeds per thread: K = 64 on 100M float32 on 2 threads "
+              f">= {k64_ms:.0f} ms{tail}")
     if not args.no_write:
         print(f"wrote {write_rows('cpu_variants', rows)}")
     return 0

@@ -368,7 +368,8 @@ def _cpu_variants_notes(rows: list[dict]) -> list[str]:
     out = ["Single thread, data in L1, medians over fresh runs; `bit exact`: the variant's sums equal "
            "the first variant's bit for bit (accumulate, seed order), a scalar implementation of the "
            "grouped order (`grouped4_gfni_permps`, the avx512 kernel's loop; the `avx2_*` rows, the "
-           "avx2 kernel's loops), or the project's scalar Philox4x32-10 (philox). One 16-lane Philox "
+           "avx2 kernel's loops and the alternatives tried for them; `piece`: a transpose alone is "
+           "checked through the lookup it feeds), or the project's scalar Philox4x32-10 (philox). One 16-lane Philox "
            "serves 128 elements x 16 seeds, i.e. 128 groups of 16 element-seeds. `~cycles` uses a "
            "clock calibrated in the same run (a chain of dependent adds), so it also absorbs the share "
            "of the core other processes took."]

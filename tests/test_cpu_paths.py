@@ -56,6 +56,48 @@ def test_paths_long_tensors_unaligned(backend, K):
 
 
 @pytest.mark.parametrize("backend", CPU_PATH_PARAMS)
+@pytest.mark.parametrize("K", [1, 2, 7, 16, 20, 70])
+def test_paths_block_counter_high_word(backend, K):
+    """Blocks around 2**32 (global index 2**39): the counter's high word changes inside a 16-block
+    group, where the avx2 Philox cannot share round 2's seed part across the group; float32 and
+    bfloat16, direct and table K."""
+    select(backend)
+    rng = np.random.default_rng(100 + K)
+    seeds = [int(s) for s in rng.integers(0, 2**63, K, dtype=np.int64)]
+    seeds[-1] = 2**64 - 2
+    coeffs = (rng.choice([-1.0, 1.0], K) * 10.0 ** rng.uniform(-3, 0, K)).tolist()
+    g = torch.Generator().manual_seed(K)
+    ts = [torch.randn(128 * 40 + 3, generator=g), torch.randn(128 * 20, generator=g).bfloat16()]
+    start = 2**39 - 128 * 9 - 5
+    want = _expected(ts, seeds, coeffs, 1.0, start)
+    zo_kernels.apply_seeds_(ts, seeds, coeffs, backend=backend, offset=start)
+    for k, (t, w) in enumerate(zip(ts, want)):
+        assert torch.equal(_bits(t), _bits(w)), \
+            f"{backend.path} K={K} tensor {k}: {int((t != w).sum())} elements differ"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+@pytest.mark.parametrize("backend", CPU_PATH_PARAMS)
+def test_paths_equal_leading_seeds(backend):
+    """Seeds 0 and 1 equal with K <= 4 (the backend merges them into one term with coefficient
+    c_0 + c_1): same bits as the reference, including c_1 = -c_0, signed zeros and an fp32
+    overflow of c_0 + c_1; float32 and bfloat16, with and without decay."""
+    select(backend)
+    g = torch.Generator().manual_seed(3)
+    cases = [([7, 7], [0.25, 0.5]), ([7, 7], [0.25, -0.25]), ([7, 7], [-0.0, 0.0]),
+             ([7, 7], [-0.0, -0.0]), ([2**64 - 1] * 2, [3e38, 3e38]), ([9, 9, 4], [1e-3, 2.5e-3, 1.0]),
+             ([9, 9, 4, 9], [0.5, -0.5, 1e-4, 3.0]), ([5, 5, 5, 5], [1.0, 2.0, 3.0, 4.0])]
+    for seeds, coeffs in cases:
+        for dt in (torch.float32, torch.bfloat16):
+            for decay in (1.0, 0.75):
+                ts = [torch.randn(128 * 20 + 7, generator=g).to(dt), torch.zeros(300, dtype=dt)]
+                want = _expected(ts, seeds, coeffs, decay, 5)
+                zo_kernels.apply_seeds_(ts, seeds, coeffs, decay=decay, backend=backend, offset=5)
+                for t, w in zip(ts, want):
+                    assert torch.equal(_bits(t), _bits(w)), f"{backend.path} {seeds} {coeffs} {dt} {decay}"
+
+
+@pytest.mark.parametrize("backend", CPU_PATH_PARAMS)
 def test_paths_special_values(backend):
     """Zero coefficients (signed zeros), NaN, infinities and float16/bfloat16 overflow in the data:
     every path rounds and propagates exactly as the numpy reference (which rounds like c10)."""

@@ -243,6 +243,48 @@ ZO_T void philox(const __m512i* c0, __m512i c1, const __m512i* rk, __m512i (*o)[
   for (int m = 0; m < M; ++m) { o[m][0] = x0[m]; o[m][1] = x1[m]; o[m][2] = x2[m]; o[m][3] = x3[m]; }
 }
 
+// shuffle, from round 2 on (the kernel's loop, philox16_multi_r2 in csrc/cpu/kernel_avx512.h): rounds
+// 1 and 2 from the block's product A c0 (one per call, shared by the chains) and the seeds' part
+// A (c1 ^ k0) (SP_*, computed once: the kernel shares it across blocks).
+__m512i SP_H, SP_L;
+ZO_T static void philox_seed_part_init(__m512i c1, const __m512i* rk) {
+  const __m512i A = _mm512_set1_epi64(RA);
+  const __m512i x = _mm512_xor_si512(rk[0], c1);
+  const __m512i ae = _mm512_mul_epu32(x, A), ao = _mm512_mul_epu32(_mm512_srli_epi64(x, 32), A);
+  SP_H = _mm512_xor_si512(_mm512_mask_shuffle_epi32(ao, (__mmask16)0x5555, ae, (_MM_PERM_ENUM)0xF5), rk[3]);
+  SP_L = _mm512_mask_shuffle_epi32(ae, (__mmask16)0xAAAA, ao, (_MM_PERM_ENUM)0xA0);
+}
+template <int M>
+ZO_T void philox_r2(const __m512i* c0, __m512i c1, const __m512i* rk, __m512i (*o)[4]) {
+  (void)c1;
+  const __m512i A = _mm512_set1_epi64(RA), B = _mm512_set1_epi64(RB);
+  const __m512i pe = _mm512_mul_epu32(c0[0], A);  // lanes hold one block: c0 is the same in every lane
+  const __m512i hA1 = _mm512_permutexvar_epi32(_mm512_set1_epi32(1), pe), lA1 = _mm512_permutexvar_epi32(_mm512_setzero_si512(), pe);
+  __m512i x0[M], x1[M], x2[M], x3[M];
+  for (int m = 0; m < M; ++m) {
+    const __m512i y = _mm512_xor_si512(hA1, rk[1]);
+    const __m512i be = _mm512_mul_epu32(y, B), bo = _mm512_mul_epu32(_mm512_srli_epi64(y, 32), B);
+    x0[m] = _mm512_xor_si512(_mm512_mask_shuffle_epi32(bo, (__mmask16)0x5555, be, (_MM_PERM_ENUM)0xF5), rk[2]);
+    x1[m] = _mm512_mask_shuffle_epi32(be, (__mmask16)0xAAAA, bo, (_MM_PERM_ENUM)0xA0);
+    x2[m] = _mm512_xor_si512(SP_H, lA1);
+    x3[m] = SP_L;
+  }
+  for (int r = 2; r < 10; ++r) {
+    for (int m = 0; m < M; ++m) {
+      const __m512i ae = _mm512_mul_epu32(x0[m], A), ao = _mm512_mul_epu32(_mm512_srli_epi64(x0[m], 32), A);
+      const __m512i be = _mm512_mul_epu32(x2[m], B), bo = _mm512_mul_epu32(_mm512_srli_epi64(x2[m], 32), B);
+      const __m512i hiA = _mm512_mask_shuffle_epi32(ao, (__mmask16)0x5555, ae, (_MM_PERM_ENUM)0xF5);
+      const __m512i loA = _mm512_mask_shuffle_epi32(ae, (__mmask16)0xAAAA, ao, (_MM_PERM_ENUM)0xA0);
+      const __m512i hiB = _mm512_mask_shuffle_epi32(bo, (__mmask16)0x5555, be, (_MM_PERM_ENUM)0xF5);
+      const __m512i loB = _mm512_mask_shuffle_epi32(be, (__mmask16)0xAAAA, bo, (_MM_PERM_ENUM)0xA0);
+      x0[m] = _mm512_ternarylogic_epi32(hiB, x1[m], rk[2 * r], 0x96);
+      x2[m] = _mm512_ternarylogic_epi32(hiA, x3[m], rk[2 * r + 1], 0x96);
+      x1[m] = loB; x3[m] = loA;
+    }
+  }
+  for (int m = 0; m < M; ++m) { o[m][0] = x0[m]; o[m][1] = x1[m]; o[m][2] = x2[m]; o[m][3] = x3[m]; }
+}
+
 // ---- AVX2 (the avx2 path's schemes) -------------------------------------------------------
 #define ZO_T2 ZO_AVX2 __attribute__((noinline))
 // K < 16 scheme: per group, T = s_0 c_0 + s_1 c_1 + ... (vpsllvd + vblendvps per seed), acc += T.
@@ -270,9 +312,42 @@ ZO_T2 void acc_avx2_direct() {
       for (int v = 0; v < 4; ++v) _mm256_store_ps(out[g] + 32 * q + 8 * v, acc[v]);
     }
 }
-// K >= 16 scheme: transpose32_avx2, then per group and 8 elements two vpermps + vblendvps + vaddps.
+// K >= 16 scheme (the kernel's code): transpose32_avx2, then per group and 8 elements two vpermps
+// + vblendvps + vaddps with immediate shift counts (table_chunk).
+alignas(32) uint32_t idx2[G][K / 32][128];  // the transposed words of every block (pieces below)
+ZO_T2 void tr_avx2_movemask() {
+  for (int g = 0; g < G; ++g)
+    for (int u = 0; u < K / 32; ++u)
+      for (int q = 0; q < 4; ++q) zo_cpu::transpose32_avx2(&planes[q][g * K + 32 * u], idx2[g][u] + 32 * q);
+}
+ZO_T2 void lk_avx2_permps2() {
+  for (int g = 0; g < G; ++g)
+    for (int h = 0; h < 2; ++h) {
+      __m256 acc[8];
+      for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
+      for (int u = 0; u < K / 32; ++u) zo_cpu::table_chunk(idx2[g][u] + 64 * h, tab[8 * u], 8, acc);
+      for (int v = 0; v < 8; ++v) _mm256_store_ps(out[g] + 64 * h + 8 * v, acc[v]);
+    }
+}
 ZO_T2 void acc_avx2_table() {
   alignas(32) uint32_t idx[K / 32][128];
+  for (int g = 0; g < G; ++g) {
+    for (int u = 0; u < K / 32; ++u)
+      for (int q = 0; q < 4; ++q) zo_cpu::transpose32_avx2(&planes[q][g * K + 32 * u], idx[u] + 32 * q);
+    for (int h = 0; h < 2; ++h) {
+      __m256 acc[8];
+      for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
+      for (int u = 0; u < K / 32; ++u) zo_cpu::table_chunk(idx[u] + 64 * h, tab[8 * u], 8, acc);
+      for (int v = 0; v < 8; ++v) _mm256_store_ps(out[g] + 64 * h + 8 * v, acc[v]);
+    }
+  }
+}
+// The same with the shift counts in a register (vpsrld/vpslld ymm, xmm: the previous kernel's loop),
+// optionally (kFma) each add as fma(1, t, acc) (exact: 1 * t is exact and the fma rounds once).
+template <bool kFma>
+ZO_T2 void acc_avx2_table_regshift() {
+  alignas(32) uint32_t idx[K / 32][128];
+  const __m256 one = _mm256_set1_ps(1.0f);
   for (int g = 0; g < G; ++g) {
     for (int u = 0; u < K / 32; ++u)
       for (int q = 0; q < 4; ++q) zo_cpu::transpose32_avx2(&planes[q][g * K + 32 * u], idx[u] + 32 * q);
@@ -288,12 +363,123 @@ ZO_T2 void acc_avx2_table() {
           const __m256i ix = _mm256_srl_epi32(I, shr);
           const __m256 t = _mm256_blendv_ps(_mm256_permutevar8x32_ps(TL, ix), _mm256_permutevar8x32_ps(TH, ix),
                                             _mm256_castsi256_ps(_mm256_sll_epi32(I, shl)));
-          acc[v] = _mm256_add_ps(acc[v], t);
+          acc[v] = kFma ? _mm256_fmadd_ps(one, t, acc[v]) : _mm256_add_ps(acc[v], t);
         }
       }
       for (int v = 0; v < 8; ++v) _mm256_store_ps(out[g] + 64 * h + 8 * v, acc[v]);
     }
   }
+}
+// Symmetric tables: T_g[m ^ 15] = -T_g[m] (round to nearest is symmetric), so with the words of seeds
+// 0..2 of each group xor-ed with seed 3's (3 vector ops per 8 seeds and word, timed here) the low 3
+// index bits pick one of 8 entries (one vpermps) and bit 3 the sign (vpslld + vandps + vxorps).
+alignas(32) float tab8[K / 4][8];
+alignas(64) uint32_t planesX[4][G * K];
+ZO_T2 void acc_avx2_table_sym() {
+  const __m256i sel = _mm256_setr_epi32(-1, -1, -1, 0, -1, -1, -1, 0);
+  for (int q = 0; q < 4; ++q)
+    for (int i = 0; i < G * K; i += 8) {
+      const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(&planes[q][i]));
+      _mm256_store_si256(reinterpret_cast<__m256i*>(&planesX[q][i]),
+                         _mm256_xor_si256(w, _mm256_and_si256(_mm256_shuffle_epi32(w, 0xFF), sel)));
+    }
+  alignas(32) uint32_t idx[K / 32][128];
+  const __m256 SIGNF = _mm256_castsi256_ps(_mm256_set1_epi32((int)0x80000000u));
+  for (int g = 0; g < G; ++g) {
+    for (int u = 0; u < K / 32; ++u)
+      for (int q = 0; q < 4; ++q) zo_cpu::transpose32_avx2(&planesX[q][g * K + 32 * u], idx[u] + 32 * q);
+    for (int h = 0; h < 2; ++h) {
+      __m256 acc[8];
+      for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
+      for (int u = 0; u < K / 32; ++u) {
+#pragma GCC unroll 8
+        for (int gl = 0; gl < 8; ++gl) {
+          const int gi = 8 * u + gl, n = 4 * (gl & 1) + (gl >> 1);
+          const __m256 TL = _mm256_load_ps(tab8[gi]);
+#pragma GCC unroll 8
+          for (int v = 0; v < 8; ++v) {
+            const __m256i I = _mm256_load_si256(reinterpret_cast<const __m256i*>(idx[u] + 64 * h + 8 * v));
+            const __m256 t = _mm256_permutevar8x32_ps(TL, _mm256_srli_epi32(I, 4 * n));
+            const __m256 sg = _mm256_and_ps(_mm256_castsi256_ps(_mm256_slli_epi32(I, 28 - 4 * n)), SIGNF);
+            acc[v] = _mm256_add_ps(acc[v], _mm256_xor_ps(t, sg));
+          }
+        }
+      }
+      for (int v = 0; v < 8; ++v) _mm256_store_ps(out[g] + 64 * h + 8 * v, acc[v]);
+    }
+  }
+}
+// Byte planes: 8 x 8 bit tiles transposed in qwords by three delta swaps (a word's byte c of 8
+// seeds in, 8 elements' bytes of 8 seed bits out: two groups' nibbles), then per group and 32
+// elements four vpshufb (the table's 4 byte planes, 16 entries each) and 8 unpacks rebuild the
+// floats (in a fixed permuted order, undone once per block) for 4 vaddps.
+alignas(32) uint8_t planes8[K / 4][4][32];  // [group][byte plane][both 128-bit lanes]
+ZO_AVX2 static inline __m256i tile8x8_transpose(__m256i x) {
+  __m256i t;
+  t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 7)), _mm256_set1_epi64x(0x00AA00AA00AA00AALL));
+  x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64(t, 7));
+  t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 14)), _mm256_set1_epi64x(0x0000CCCC0000CCCCLL));
+  x = _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64(t, 14));
+  t = _mm256_and_si256(_mm256_xor_si256(x, _mm256_srli_epi64(x, 28)), _mm256_set1_epi64x(0x00000000F0F0F0F0LL));
+  return _mm256_xor_si256(_mm256_xor_si256(x, t), _mm256_slli_epi64(t, 28));
+}
+ZO_AVX2 static inline void planes_lookup(const uint8_t (*P)[32], __m256i I, __m256 F[4]) {
+  const __m256i p0 = _mm256_shuffle_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(P[0])), I);
+  const __m256i p1 = _mm256_shuffle_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(P[1])), I);
+  const __m256i p2 = _mm256_shuffle_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(P[2])), I);
+  const __m256i p3 = _mm256_shuffle_epi8(_mm256_load_si256(reinterpret_cast<const __m256i*>(P[3])), I);
+  const __m256i l01 = _mm256_unpacklo_epi8(p0, p1), h01 = _mm256_unpackhi_epi8(p0, p1);
+  const __m256i l23 = _mm256_unpacklo_epi8(p2, p3), h23 = _mm256_unpackhi_epi8(p2, p3);
+  F[0] = _mm256_add_ps(F[0], _mm256_castsi256_ps(_mm256_unpacklo_epi16(l01, l23)));
+  F[1] = _mm256_add_ps(F[1], _mm256_castsi256_ps(_mm256_unpackhi_epi16(l01, l23)));
+  F[2] = _mm256_add_ps(F[2], _mm256_castsi256_ps(_mm256_unpacklo_epi16(h01, h23)));
+  F[3] = _mm256_add_ps(F[3], _mm256_castsi256_ps(_mm256_unpackhi_epi16(h01, h23)));
+}
+alignas(32) uint8_t tiles[G][4][K / 8][32];  // the transposed tiles of every block (pieces below)
+ZO_AVX2 static inline __m256i gather_tiles(const uint32_t* w8) {  // qword c = byte c of 8 seeds
+  const __m256i shuf = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15,
+                                        0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m256i W = _mm256_load_si256(reinterpret_cast<const __m256i*>(w8));
+  return _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(W, shuf), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+ZO_AVX2 static inline void store_planes_acc(float* o, const __m256 F[4]) {
+  _mm256_store_ps(o, _mm256_permute2f128_ps(F[0], F[1], 0x20));
+  _mm256_store_ps(o + 8, _mm256_permute2f128_ps(F[2], F[3], 0x20));
+  _mm256_store_ps(o + 16, _mm256_permute2f128_ps(F[0], F[1], 0x31));
+  _mm256_store_ps(o + 24, _mm256_permute2f128_ps(F[2], F[3], 0x31));
+}
+ZO_T2 void acc_avx2_tiles_pshufb() {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  for (int g = 0; g < G; ++g)
+    for (int q = 0; q < 4; ++q) {
+      __m256 F[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int v = 0; v < K / 8; ++v) {
+        const __m256i V = tile8x8_transpose(gather_tiles(&planes[q][g * K + 8 * v]));
+        planes_lookup(planes8[2 * v], _mm256_and_si256(V, lo4), F);
+        planes_lookup(planes8[2 * v + 1], _mm256_and_si256(_mm256_srli_epi16(V, 4), lo4), F);
+      }
+      store_planes_acc(out[g] + 32 * q, F);
+    }
+}
+ZO_T2 void tr_avx2_tiles() {
+  for (int g = 0; g < G; ++g)
+    for (int q = 0; q < 4; ++q)
+      for (int v = 0; v < K / 8; ++v)
+        _mm256_store_si256(reinterpret_cast<__m256i*>(tiles[g][q][v]),
+                           tile8x8_transpose(gather_tiles(&planes[q][g * K + 8 * v])));
+}
+ZO_T2 void lk_avx2_pshufb() {
+  const __m256i lo4 = _mm256_set1_epi8(0x0F);
+  for (int g = 0; g < G; ++g)
+    for (int q = 0; q < 4; ++q) {
+      __m256 F[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int v = 0; v < K / 8; ++v) {
+        const __m256i V = _mm256_load_si256(reinterpret_cast<const __m256i*>(tiles[g][q][v]));
+        planes_lookup(planes8[2 * v], _mm256_and_si256(V, lo4), F);
+        planes_lookup(planes8[2 * v + 1], _mm256_and_si256(_mm256_srli_epi16(V, 4), lo4), F);
+      }
+      store_planes_acc(out[g] + 32 * q, F);
+    }
 }
 alignas(32) __m256i RK8[4][20], C08[4], C18[4], OUT8[4][4];
 template <int M>
@@ -302,6 +488,26 @@ ZO_T2 void philox8_loop(int N) {
   for (int i = 0; i < N; ++i) {
     zo_cpu::philox8_multi<M>(C08, C18, rks, OUT8);
     asm volatile("" ::: "memory");  // every evaluation is done and stored (nothing hoisted)
+  }
+}
+// The kernel's loop (kernel_avx2.h, lanes over seeds): rounds 1 and 2 from the block's product A c0
+// (scalar, per evaluation) and the seeds' part A (c1 ^ k0) (computed once, shared by every block),
+// then rounds 3..10 on 4 interleaved states.
+template <int M>
+ZO_T2 void philox8_r2_loop(int N) {
+  const __m256i* rks[4] = {RK8[0], RK8[1], RK8[2], RK8[3]};
+  zo_cpu::Philox8SeedPart sp[4];
+  for (int m = 0; m < M; ++m) sp[m] = zo_cpu::philox8_seed_part(RK8[m], _mm256_set1_epi32(5));
+  for (int i = 0; i < N; ++i) {
+    const uint64_t pa = (uint64_t)zo::kRoundA * 77u;  // block counter (77, 5)
+    const __m256i hA1 = _mm256_set1_epi32((int)(uint32_t)(pa >> 32)), lA1 = _mm256_set1_epi32((int)(uint32_t)pa);
+    zo_cpu::Philox8State st[4];
+    for (int m = 0; m < M; ++m) st[m] = zo_cpu::philox8_after_round2(hA1, lA1, RK8[m], sp[m]);
+    zo_cpu::philox8_rounds<M, 2>(st, rks);
+    for (int m = 0; m < M; ++m) {
+      OUT8[m][0] = st[m].x0; OUT8[m][1] = st[m].x1; OUT8[m][2] = st[m].x2; OUT8[m][3] = st[m].x3;
+    }
+    asm volatile("" ::: "memory");
   }
 }
 ZO_T2 static bool philox8_matches(int M) {
@@ -422,7 +628,9 @@ ZO_T static void run_avx512() {
   const int N = 200000;
   struct P { const char* name; int M; PhiloxFn f; } ps[] = {
       {"blend_one_at_a_time", 1, philox<1, false>}, {"shuffle_one_at_a_time", 1, philox<1, true>},
-      {"blend_4_interleaved", 4, philox<4, false>}, {"shuffle_4_interleaved", 4, philox<4, true>}};
+      {"blend_4_interleaved", 4, philox<4, false>}, {"shuffle_4_interleaved", 4, philox<4, true>},
+      {"shuffle_4_interleaved_r2shared", 4, philox_r2<4>}};
+  philox_seed_part_init(c1, RK);
   for (const P& p : ps) {
     for (int m = 0; m < 4; ++m) C0[m] = _mm512_set1_epi32(77);
     p.f(C0, c1, RK, OUT);
@@ -438,13 +646,43 @@ ZO_T static void run_avx512() {
 ZO_AVX2 static void run_avx2() {
   static float ref2[G][128];
   grouped_scalar(ref2);
+  for (int gi = 0; gi < K / 4; ++gi)
+    for (int m = 0; m < 8; ++m) tab8[gi][m] = tab[gi][m];
+  for (int gi = 0; gi < K / 4; ++gi)
+    for (int b = 0; b < 4; ++b)
+      for (int i = 0; i < 32; ++i) planes8[gi][b][i] = (uint8_t)(f2u(tab[gi][i & 15]) >> (8 * b));
   struct V { const char* name; void (*f)(); } vs[] = {
-      {"avx2_direct_sllv_blendv", acc_avx2_direct}, {"avx2_transpose_permps2", acc_avx2_table}};
+      {"avx2_direct_sllv_blendv", acc_avx2_direct}, {"avx2_transpose_permps2", acc_avx2_table},
+      {"avx2_transpose_permps2_regshift", acc_avx2_table_regshift<false>},
+      {"avx2_transpose_permps2_fma", acc_avx2_table_regshift<true>},
+      {"avx2_transpose_sym_permps", acc_avx2_table_sym},
+      {"avx2_tiles_pshufb_planes", acc_avx2_tiles_pshufb}};
   for (const V& v : vs) {
     std::memset(out, 0, sizeof out);
     v.f();
     const bool same = std::memcmp(ref2, out, sizeof ref2) == 0;
     print_acc("avx2", v.name, best_of(v.f, 300), same, true);
+  }
+  // The two halves of the table schemes alone (data in L1 between them): which one costs what.
+  struct P2 { const char* name; void (*f)(); void (*check)(); } pieces[] = {
+      {"avx2_piece_transpose_movemask", tr_avx2_movemask, lk_avx2_permps2},
+      {"avx2_piece_lookup_permps2", lk_avx2_permps2, nullptr},
+      {"avx2_piece_transpose_tiles", tr_avx2_tiles, lk_avx2_pshufb},
+      {"avx2_piece_lookup_pshufb_planes", lk_avx2_pshufb, nullptr}};
+  bool piece_ok = true;
+  for (const P2& pc : pieces) {
+    pc.f();
+    if (pc.check) {
+      std::memset(out, 0, sizeof out);
+      pc.check();
+      piece_ok = std::memcmp(ref2, out, sizeof ref2) == 0;
+    }
+    const double t = best_of(pc.f, 300);
+    const double groups = (double)G * K * 128 / 16;
+    std::printf("{\"part\": \"piece\", \"isa\": \"avx2\", \"variant\": \"%s\", "
+                "\"ns_per_16_element_seeds\": %.4f, \"cycles_per_16_element_seeds\": %.3f, "
+                "\"bit_exact\": %s}\n", pc.name, t / groups * 1e9, t / groups * 1e9 * ghz,
+                piece_ok ? "true" : "false");
   }
   for (int m = 0; m < 4; ++m) {
     zo_cpu::round_keys8(0x1234567u * (m + 1), 0xabcdef1u * (m + 3), RK8[m]);
@@ -454,7 +692,7 @@ ZO_AVX2 static void run_avx2() {
   const int N = 200000;
   struct P { const char* name; int M; void (*f)(int); } ps[] = {
       {"avx2_one_at_a_time", 1, philox8_loop<1>}, {"avx2_2_interleaved", 2, philox8_loop<2>},
-      {"avx2_4_interleaved", 4, philox8_loop<4>}};
+      {"avx2_4_interleaved", 4, philox8_loop<4>}, {"avx2_4_interleaved_r2shared", 4, philox8_r2_loop<4>}};
   for (const P& p : ps) {
     p.f(1);
     const bool ok = philox8_matches(p.M);

@@ -16,7 +16,7 @@
 // element.
 //
 // Block paths (isa.h picks one at run time; all give the same bits):
-//   avx512   kernel_avx512.h  (K = 1 float32 loop; grouped loop with VBMI + GFNI)
+//   avx512   kernel_avx512.h  (K <= 8 loop; grouped loop with VBMI + GFNI)
 //   avx2     kernel_avx2.h    (direct sums for K < 16, transpose + tables for K >= 16)
 //   portable kernel_portable.h (auto-vectorized plain C++)
 // Compiled with -ffp-contract=off: contracting `p * decay + acc` into an FMA would change the bits.
@@ -43,8 +43,8 @@ inline void rademacher_blocks(void* p, int dt, uint64_t block0, int64_t nblocks,
                               float decay, int isa) {
 #if defined(__x86_64__)
   if (isa == ISA_AVX512) {
-    if (K == 1 && dt == F32) {
-      rademacher_k1_f32_avx512(static_cast<float*>(p), block0, nblocks, seeds[0], coeffs[0], decay);
+    if (K >= 1 && K <= kSmallMaxK) {
+      rademacher_small_avx512(p, dt, block0, nblocks, seeds, coeffs, K, decay);
       return;
     }
     if (machine_isa().avx512_gfni) {

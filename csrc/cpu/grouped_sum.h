@@ -35,7 +35,8 @@ inline void group_tables(const float* coeffs, int K, float* tables) {
 }
 
 #if defined(__x86_64__)
-#define ZO_AVX512G __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,gfni")))
+#define ZO_AVX512G \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vbmi,gfni,avx2,fma,bmi,bmi2,f16c")))
 
 // Byte permutations of the sign-bit transpose (see seed_bit_indices).
 struct TransposePatterns {

@@ -2,8 +2,8 @@
 // choice (ZO_KERNELS_ISA, or zo_kernels._C.set_isa) of a path no higher than that.
 //
 // Paths, highest first (docs/DESIGN.md, The apply_seeds_ op and its backends):
-//   avx512   AVX-512 F/BW/DQ/VL; with VBMI and GFNI also the grouped K > 1 loop (without them K > 1
-//            and bfloat16/float16 run the avx2 loops; only the K = 1 float32 loop is AVX-512)
+//   avx512   AVX-512 F/BW/DQ/VL; with VBMI and GFNI also the grouped loop (K > 8; without them
+//            K > 8 runs the avx2 loops and only the K <= 8 loop is AVX-512)
 //   avx2     x86-64-v3 (AVX2, FMA, BMI2, F16C)
 //   portable plain C++ written for auto-vectorization, compiled for the baseline target
 // Every path gives the same bits. One binary: the x86 paths are compiled with function target
@@ -35,7 +35,7 @@ inline int isa_from_name(const std::string& name) {
 
 struct MachineIsa {
   int best = ISA_PORTABLE;  // highest path this CPU executes
-  bool avx512_gfni = false; // AVX-512 VBMI + GFNI: the grouped K > 1 AVX-512 loop
+  bool avx512_gfni = false; // AVX-512 VBMI + GFNI: the grouped AVX-512 loop
 };
 
 inline const MachineIsa& machine_isa() {

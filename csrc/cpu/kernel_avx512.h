@@ -5,14 +5,15 @@
 //     blocks). The 32x32->64 products use vpmuludq on even and odd lanes, recombined with one
 //     merge-masked vpshufd per word; round keys are precomputed once per seed batch, and the 4
 //     independent 16-seed Philox evaluations of a block run interleaved (one at a time they are
-//     latency-bound). Words go to a small L1-resident buffer, seeds contiguous per (block, word).
+//     latency-bound). With lanes over seeds, rounds 1 and 2 come from a per-block and a per-seed
+//     product (philox16_multi_r2; K = 64: 13% less time, one thread). Words go to a small L1-resident buffer, seeds contiguous per (block, word).
 //  2. Bit transpose: per block, the 64 seeds x 128 elements sign matrix becomes, per element, two
 //     32-bit words of seed bits (nibble g = the 4-bit table index of group g): vpermb gathers 8x8 bit
 //     tiles into qwords, gf2p8affineqb transposes each tile, vpermt2b places the bytes in lanes.
 //  3. Sums: per group and 16 elements, vpsrld + vpermps (the 16-entry table is one zmm) + vaddps,
 //     i.e. 3 uops per 64 element-seeds instead of 3 per 16 with a per-seed select.
-// K = 1 float32 (perturb_) has its own memory-bound loop: vpsllvd + vpternlogd put bit j into the
-// sign of -c, and the next 16 blocks' Philox rounds are spread between the current loads and stores.
+// K <= 8 (perturb_, the ZO step's passes) has its own loop: vpsllvd + vpternlogd put bit j into the
+// sign of -c_k, the group sums are computed; one Philox burst per 16 blocks.
 #pragma once
 
 #if defined(__x86_64__)
@@ -23,11 +24,14 @@
 
 #include "../philox.h"
 #include "grouped_sum.h"
+#include "kernel_avx2.h"
 #include "kernel_common.h"
 
 namespace zo_cpu {
 
-#define ZO_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+// With the x86-64-v3 features too (every AVX-512 CPU has them, and isa.h requires them for this
+// path), so that the avx2 path's helpers (finalize8: bfloat16/float16 rounding) inline here.
+#define ZO_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi,bmi2,f16c")))
 
 // Finalize one block: x = x * decay + acc (f32 in registers; other dtypes through a scalar round).
 ZO_AVX512 inline void finalize_block_avx512(void* p, int dt, int64_t eb, const __m512* acc,
@@ -43,12 +47,14 @@ ZO_AVX512 inline void finalize_block_avx512(void* p, int dt, int64_t eb, const _
     }
     return;
   }
-  alignas(64) float a[zo::kBlock];
-  for (int v = 0; v < 8; ++v) _mm512_store_ps(a + 16 * v, acc[v]);
-  for (int i = 0; i < zo::kBlock; ++i) {
-    float xi = load_elem(p, dt, eb + i);
-    if (decay != 1.0f) xi = xi * decay;
-    store_elem(p, dt, eb + i, xi + a[i]);
+  // bfloat16 / float16: the avx2 path's 8-element load, update and rounding store (same bits as
+  // c10's scalar conversions; a scalar loop through c10::Half here took 6-18x the avx2 path's time).
+  const bool dec = decay != 1.0f;
+  const __m256 dv = _mm256_set1_ps(decay);
+  for (int v = 0; v < 8; ++v) {
+    finalize8(p, dt, eb + 16 * v, _mm512_castps512_ps256(acc[v]), dec, dv);
+    finalize8(p, dt, eb + 16 * v + 8,
+              _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[v]), 1)), dec, dv);
   }
 }
 
@@ -111,6 +117,51 @@ ZO_AVX512 inline void philox16_multi(__m512i c0, __m512i c1, const __m512i (*rk)
   }
 }
 
+// The same from round 2 on, lanes over seeds of one block (counter (c0, c1, 0, 0) in every lane):
+// rounds 1 and 2 from the block's product A c0 (hA1, lA1, broadcast) and the seeds' part
+// A (c1 ^ k0) (hA2k = hi ^ k1', lA2 = lo; shared by every block with this c1), as in the avx2
+// path's Philox8State (csrc/cpu/avx2_blocks.h): one product per (block, seed) for rounds 1-2
+// instead of four.
+struct Philox16SeedPart {
+  __m512i hA2k, lA2;
+};
+ZO_AVX512 inline Philox16SeedPart philox16_seed_part(const __m512i rk[2 * zo::kRounds], uint32_t c1) {
+  __m512i hi, lo;
+  mul_hi_lo(_mm512_xor_si512(rk[0], _mm512_set1_epi32((int)c1)), _mm512_set1_epi64(zo::kRoundA), hi, lo);
+  return Philox16SeedPart{_mm512_xor_si512(hi, rk[3]), lo};
+}
+template <int M>
+ZO_AVX512 inline void philox16_multi_r2(__m512i hA1, __m512i lA1, const __m512i (*rk)[2 * zo::kRounds],
+                                        const Philox16SeedPart* sp, __m512i (*out)[4]) {
+  const __m512i A = _mm512_set1_epi64(zo::kRoundA), B = _mm512_set1_epi64(zo::kRoundB);
+  __m512i x0[M], x1[M], x2[M], x3[M];
+  for (int m = 0; m < M; ++m) {
+    __m512i hB, lB;
+    mul_hi_lo(_mm512_xor_si512(hA1, rk[m][1]), B, hB, lB);
+    x0[m] = _mm512_xor_si512(hB, rk[m][2]);
+    x1[m] = lB;
+    x2[m] = _mm512_xor_si512(sp[m].hA2k, lA1);
+    x3[m] = sp[m].lA2;
+  }
+  for (int r = 2; r < zo::kRounds; ++r) {
+    for (int m = 0; m < M; ++m) {
+      __m512i hiA, loA, hiB, loB;
+      mul_hi_lo(x0[m], A, hiA, loA);
+      mul_hi_lo(x2[m], B, hiB, loB);
+      x0[m] = _mm512_ternarylogic_epi32(hiB, x1[m], rk[m][2 * r], 0x96);
+      x2[m] = _mm512_ternarylogic_epi32(hiA, x3[m], rk[m][2 * r + 1], 0x96);
+      x1[m] = loB;
+      x3[m] = loA;
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    out[m][0] = x0[m];
+    out[m][1] = x1[m];
+    out[m][2] = x2[m];
+    out[m][3] = x3[m];
+  }
+}
+
 // Philox4x32-10 of counters (c0, c1, 0, 0) under keys (k0, k1) on 16 lanes.
 ZO_AVX512 inline void philox16(__m512i c0, __m512i c1, __m512i k0, __m512i k1, __m512i out[4]) {
   Philox16State s{c0, c1, _mm512_setzero_si512(), _mm512_setzero_si512(), k0, k1};
@@ -129,65 +180,145 @@ ZO_AVX512 inline void block_counters(uint64_t b, __m512i& lo, __m512i& hi) {
   hi = _mm512_load_si512(h);
 }
 
-// K = 1, float32 (perturb_): memory-bound, so the Philox rounds for the next 16 blocks are spread
-// between the current 16 blocks' loads and stores (one round after each of the first 10 blocks)
-// instead of running as a burst during which no memory traffic is issued.
-ZO_AVX512 void rademacher_k1_f32_avx512(float* x, uint64_t block0, int64_t nblocks, uint64_t seed,
-                                        float c, float decay) {
+// K <= 8 (two groups), any dtype: memory-bound or nearly (perturb_ is K = 1; the ZO step's passes
+// are K = 1, 2 and S + 1). Per group of 16 blocks one 16-lane Philox per seed (lanes over blocks, up to
+// 4 seeds interleaved) as a burst, then per block and 16 elements: per seed vpsllvd + vpternlogd (bit
+// j into the sign of -c_k), each group sum T_g = ((t_0 + t_1) + t_2) + t_3 computed (it is the table
+// entry's defining expression, so the bits are the table's), acc = 0 + T_0 (or T_0 when a
+// coefficient of group 0 is nonzero: then T_0 is never -0), acc = acc + T_1, x = x (* decay) + acc
+// (bfloat16 / float16 through the avx2 path's finalize8). Instantiated per (K, decay != 1, 0 + T_0
+// needed, float32) so that the loop has no branches. One thread,
+// 32768 floats in L2: 0.064 ms per 1M elements at K = 2 (grouped loop: 0.155), 0.178 at K = 8
+// (grouped: 0.242).
+// (Measured on the Zen 5 machine, one thread, 100M floats, thread CPU time against a plain AVX-512
+// x + c loop, K = 1: 0.99-1.01 this way; 1.13-1.16 with the earlier scheme that spread the next
+// group's Philox rounds one per block between the loads and stores. K = 2 took 1.21x add_ in the
+// grouped loop below, 1.0x here.)
+constexpr int kSmallMaxK = 8;
+
+template <int N, bool kDecay, bool kZeroAdd, bool kF32>
+ZO_AVX512 inline void rademacher_small_avx512_t(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                                const uint64_t* seeds, const float* coeffs,
+                                                float decay) {
+  float* x = static_cast<float*>(p);
+  const __m256 dv = _mm256_set1_ps(decay);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i sh_lo = _mm512_sub_epi32(_mm512_set1_epi32(31), iota);
   const __m512i sh_hi = _mm512_sub_epi32(_mm512_set1_epi32(15), iota);
   const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
-  const __m512i nc = _mm512_set1_epi32((int)f2u(-c));
   const __m512 d = _mm512_set1_ps(decay);
-  const bool zero_c = c == 0.0f;  // then acc = 0 + (±0) must be formed explicitly (signed zeros)
-  const __m512i k0 = _mm512_set1_epi32((int)zo::key_lo(seed));
-  const __m512i k1 = _mm512_set1_epi32((int)zo::key_hi(seed));
-  alignas(64) uint32_t cur[4][16];
-  {
-    __m512i lo, hi, out[4];
-    block_counters(block0, lo, hi);
-    philox16(lo, hi, k0, k1, out);
-    for (int q = 0; q < 4; ++q) _mm512_store_si512(cur[q], out[q]);
+  __m512i nc[N];
+  alignas(64) __m512i rk[N][2 * zo::kRounds];
+  for (int k = 0; k < N; ++k) {
+    nc[k] = _mm512_set1_epi32((int)f2u(-coeffs[k]));
+    __m512i k0 = _mm512_set1_epi32((int)zo::key_lo(seeds[k]));
+    __m512i k1 = _mm512_set1_epi32((int)zo::key_hi(seeds[k]));
+    for (int r = 0; r < zo::kRounds; ++r) {
+      rk[k][2 * r] = k0;
+      rk[k][2 * r + 1] = k1;
+      k0 = _mm512_add_epi32(k0, _mm512_set1_epi32((int)zo::kKeyA));
+      k1 = _mm512_add_epi32(k1, _mm512_set1_epi32((int)zo::kKeyB));
+    }
   }
+  alignas(64) uint32_t cur[N][4][16];  // [seed][word][block]
   for (int64_t g0 = 0; g0 < nblocks; g0 += kGroup) {
     const int G = (int)std::min<int64_t>(kGroup, nblocks - g0);
-    Philox16State nx;
-    block_counters(block0 + (uint64_t)(g0 + kGroup), nx.c0, nx.c1);
-    nx.c2 = _mm512_setzero_si512();
-    nx.c3 = _mm512_setzero_si512();
-    nx.k0 = k0;
-    nx.k1 = k1;
-    int rounds = 0;
+    {
+      __m512i lo, hi, out[N][4];
+      block_counters(block0 + (uint64_t)g0, lo, hi);
+      if (N <= 4) {
+        philox16_multi<(N <= 4 ? N : 4)>(lo, hi, rk, out);
+      } else {
+        philox16_multi<4>(lo, hi, rk, out);
+        philox16_multi<(N > 4 ? N - 4 : 1)>(lo, hi, rk + 4, out + 4);
+      }
+      for (int k = 0; k < N; ++k)
+        for (int q = 0; q < 4; ++q) _mm512_store_si512(cur[k][q], out[k][q]);
+    }
     for (int g = 0; g < G; ++g) {
-      float* xb = x + (g0 + g) * (int64_t)zo::kBlock;
+      const int64_t eb = (g0 + g) * (int64_t)zo::kBlock;
+      float* xb = x + eb;
       for (int q = 0; q < 4; ++q) {
-        const __m512i w = _mm512_set1_epi32((int)cur[q][g]);
-        __m512 t0 = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_lo), sign, nc, 0x6A));
-        __m512 t1 = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_hi), sign, nc, 0x6A));
-        if (zero_c) {
-          t0 = _mm512_add_ps(_mm512_setzero_ps(), t0);
-          t1 = _mm512_add_ps(_mm512_setzero_ps(), t1);
+        __m512 t0, t1, a0, a1;
+        for (int k = 0; k < N; ++k) {
+          const __m512i w = _mm512_set1_epi32((int)cur[k][q][g]);
+          const __m512 u0 = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_lo), sign, nc[k], 0x6A));
+          const __m512 u1 = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_sllv_epi32(w, sh_hi), sign, nc[k], 0x6A));
+          t0 = k % kSumGroup == 0 ? u0 : _mm512_add_ps(t0, u0);
+          t1 = k % kSumGroup == 0 ? u1 : _mm512_add_ps(t1, u1);
+          if (k % kSumGroup == kSumGroup - 1 || k == N - 1) {  // end of a group: acc = acc + T_g
+            if (k < kSumGroup) {
+              if (kZeroAdd) {  // acc = 0 + T_0 must be formed explicitly (signed zeros)
+                t0 = _mm512_add_ps(_mm512_setzero_ps(), t0);
+                t1 = _mm512_add_ps(_mm512_setzero_ps(), t1);
+              }
+              a0 = t0;
+              a1 = t1;
+            } else {
+              a0 = _mm512_add_ps(a0, t0);
+              a1 = _mm512_add_ps(a1, t1);
+            }
+          }
+        }
+        t0 = a0;
+        t1 = a1;
+        if (!kF32) {  // bfloat16 / float16: the avx2 path's 8-element update and rounding store
+          const int64_t e = eb + 32 * q;
+          finalize8(p, dt, e, _mm512_castps512_ps256(t0), kDecay, dv);
+          finalize8(p, dt, e + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t0), 1)), kDecay, dv);
+          finalize8(p, dt, e + 16, _mm512_castps512_ps256(t1), kDecay, dv);
+          finalize8(p, dt, e + 24, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t1), 1)), kDecay, dv);
+          continue;
         }
         __m512 x0 = _mm512_loadu_ps(xb + 32 * q), x1 = _mm512_loadu_ps(xb + 32 * q + 16);
-        if (decay != 1.0f) {
+        if (kDecay) {
           x0 = _mm512_mul_ps(x0, d);
           x1 = _mm512_mul_ps(x1, d);
         }
         _mm512_storeu_ps(xb + 32 * q, _mm512_add_ps(x0, t0));
         _mm512_storeu_ps(xb + 32 * q + 16, _mm512_add_ps(x1, t1));
       }
-      if (rounds < zo::kRounds) {
-        philox16_round(nx);
-        ++rounds;
-      }
     }
-    for (; rounds < zo::kRounds; ++rounds) philox16_round(nx);
-    _mm512_store_si512(cur[0], nx.c0);
-    _mm512_store_si512(cur[1], nx.c1);
-    _mm512_store_si512(cur[2], nx.c2);
-    _mm512_store_si512(cur[3], nx.c3);
   }
+}
+
+template <int N, bool kF32>
+ZO_AVX512 inline void rademacher_small_avx512_n(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                                const uint64_t* seeds, const float* coeffs,
+                                                float decay) {
+  bool nonzero = false;  // in group 0
+  for (int k = 0; k < std::min(N, kSumGroup); ++k) nonzero |= coeffs[k] != 0.0f;
+  if (decay != 1.0f) {
+    if (nonzero) rademacher_small_avx512_t<N, true, false, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay);
+    else rademacher_small_avx512_t<N, true, true, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay);
+  } else {
+    if (nonzero) rademacher_small_avx512_t<N, false, false, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay);
+    else rademacher_small_avx512_t<N, false, true, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay);
+  }
+}
+
+template <bool kF32>
+ZO_AVX512 inline void rademacher_small_avx512_dt(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                                 const uint64_t* seeds, const float* coeffs, int K,
+                                                 float decay) {
+  switch (K) {
+    case 1: rademacher_small_avx512_n<1, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 2: rademacher_small_avx512_n<2, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 3: rademacher_small_avx512_n<3, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 4: rademacher_small_avx512_n<4, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 5: rademacher_small_avx512_n<5, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 6: rademacher_small_avx512_n<6, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 7: rademacher_small_avx512_n<7, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    default: rademacher_small_avx512_n<8, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+  }
+}
+
+// K in 1..kSmallMaxK, any dtype.
+ZO_AVX512 inline void rademacher_small_avx512(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                              const uint64_t* seeds, const float* coeffs, int K,
+                                              float decay) {
+  if (dt == F32) rademacher_small_avx512_dt<true>(p, dt, block0, nblocks, seeds, coeffs, K, decay);
+  else rademacher_small_avx512_dt<false>(p, dt, block0, nblocks, seeds, coeffs, K, decay);
 }
 
 // AVX-512 fast path (grouped order). Per group of up to 16 blocks and batch of up to 64 seeds:
@@ -224,15 +355,22 @@ ZO_AVX512G void rademacher_blocks_avx512(void* p, int dt, uint64_t block0, int64
             k1 = _mm512_add_epi32(k1, _mm512_set1_epi32((int)zo::kKeyB));
           }
         }
+        Philox16SeedPart sp[kSeedBatch / 16];
+        uint64_t sp_c1 = ~uint64_t(0);  // the c1 the seed parts were made for
         for (int g = 0; g < G; ++g) {
           const uint64_t b = bfirst + (uint64_t)g;
-          const __m512i cb0 = _mm512_set1_epi32((int)(uint32_t)(b & 0xffffffffu));
-          const __m512i cb1 = _mm512_set1_epi32((int)(uint32_t)(b >> 32));
+          if ((b >> 32) != sp_c1) {
+            sp_c1 = b >> 32;
+            for (int v = 0; v < nv; ++v) sp[v] = philox16_seed_part(rk[v], (uint32_t)sp_c1);
+          }
+          const uint64_t pa = (uint64_t)zo::kRoundA * (uint64_t)(uint32_t)(b & 0xffffffffu);
+          const __m512i hA1 = _mm512_set1_epi32((int)(uint32_t)(pa >> 32));
+          const __m512i lA1 = _mm512_set1_epi32((int)(uint32_t)pa);
           __m512i outs[4][4];
           int v = 0;
-          for (; v + 4 <= nv; v += 4) philox16_multi<4>(cb0, cb1, rk + v, outs + v);
-          for (; v + 2 <= nv; v += 2) philox16_multi<2>(cb0, cb1, rk + v, outs + v);
-          for (; v < nv; ++v) philox16_multi<1>(cb0, cb1, rk + v, outs + v);
+          for (; v + 4 <= nv; v += 4) philox16_multi_r2<4>(hA1, lA1, rk + v, sp + v, outs + v);
+          for (; v + 2 <= nv; v += 2) philox16_multi_r2<2>(hA1, lA1, rk + v, sp + v, outs + v);
+          for (; v < nv; ++v) philox16_multi_r2<1>(hA1, lA1, rk + v, sp + v, outs + v);
           for (v = 0; v < nv; ++v) {
             const __mmask16 m = (__mmask16)((KB - 16 * v) >= 16 ? 0xffff : ((1u << (KB - 16 * v)) - 1u));
             for (int q = 0; q < 4; ++q)

@@ -8,11 +8,12 @@
 //  - the sums, over the 32 elements of one Philox word: each term is computed, not looked up:
 //    T_g = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 is the very expression that defines the table
 //    entry T_g[idx_g] (fp32, left to right), so computing it per element gives the table's bits without
-//    a gather (which no baseline target has). s_k c_k is a select between c_k and -c_k on a bit test;
+//    a gather (which no baseline target has). s_k c_k is c_k with its sign bit flipped on a bit test;
 //  - the final p = p * decay + acc for float32 and bfloat16 (bfloat16 rounding written on integers).
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <cstring>
 
@@ -66,41 +67,59 @@ inline void philox_blocks16_portable(uint64_t block0, uint64_t seed, uint32_t ou
 }
 
 // The sum of one group of N seeds for the 32 elements of one Philox word, with w[s] the word of
-// seed s: t_j = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 (first N terms), s_k = +1 when bit j of w[k]
-// is set, then by MODE: 0: a = 0 + t (first group); 1: a = a + t; and into float32 x with the last
-// group: 2: x = x + (0 + t), 3: x = x * decay + (0 + t) (the only group); 4: x = x + (a + t),
-// 5: x = x * decay + (a + t). One loop over j with N selects and adds in its body: it vectorizes on
-// any SIMD width, and the last group writes the tensor without a separate accumulator pass.
-template <int N, int MODE>
+// seed s and cb[s] the bits of +c_s: t_j = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 (first N terms),
+// s_k c_k = c_k when bit j of w[k] is set, else c_k with its sign bit flipped (-c_k exactly): a bit
+// test, a compare and two logic operations on any SIMD target, no float select. Then the
+// accumulator: v = a + t (kFirst == 0), 0 + t (kFirst == 1: the first group), t (kFirst == 2: the
+// first group when one of its coefficients is nonzero; then t is never -0, so 0 + t == t), stored in
+// a, or with the last group into float32 x: x = x + v, x * decay + v (kDecay). One loop over j: it
+// vectorizes on any SIMD width, and the last group writes the tensor without an accumulator pass.
+template <int N, int kFirst, bool kToX, bool kDecay>
 inline void group_terms32(float* __restrict a, float* __restrict x, const uint32_t* w,
-                          const float* c, float decay) {
+                          const uint32_t* cb, float decay) {
+  constexpr uint32_t kSignBit = 0x80000000u;
   const uint32_t w0 = w[0], w1 = N > 1 ? w[1] : 0u, w2 = N > 2 ? w[2] : 0u, w3 = N > 3 ? w[3] : 0u;
-  const float c0 = c[0], c1 = N > 1 ? c[1] : 0.0f, c2 = N > 2 ? c[2] : 0.0f, c3 = N > 3 ? c[3] : 0.0f;
-  const float n0 = -c0, n1 = -c1, n2 = -c2, n3 = -c3;
+  const uint32_t p0 = cb[0], p1 = N > 1 ? cb[1] : 0u, p2 = N > 2 ? cb[2] : 0u, p3 = N > 3 ? cb[3] : 0u;
 #pragma omp simd
   for (int j = 0; j < 32; ++j) {
     const uint32_t m = kBitMasks.m[j];
-    float t = (w0 & m) ? c0 : n0;
-    if (N > 1) t = t + ((w1 & m) ? c1 : n1);
-    if (N > 2) t = t + ((w2 & m) ? c2 : n2);
-    if (N > 3) t = t + ((w3 & m) ? c3 : n3);
-    if (MODE == 0) a[j] = 0.0f + t;
-    if (MODE == 1) a[j] = a[j] + t;
-    if (MODE == 2) x[j] = x[j] + (0.0f + t);
-    if (MODE == 3) x[j] = x[j] * decay + (0.0f + t);
-    if (MODE == 4) x[j] = x[j] + (a[j] + t);
-    if (MODE == 5) x[j] = x[j] * decay + (a[j] + t);
+    float t = std::bit_cast<float>(p0 ^ ((w0 & m) ? 0u : kSignBit));
+    if (N > 1) t = t + std::bit_cast<float>(p1 ^ ((w1 & m) ? 0u : kSignBit));
+    if (N > 2) t = t + std::bit_cast<float>(p2 ^ ((w2 & m) ? 0u : kSignBit));
+    if (N > 3) t = t + std::bit_cast<float>(p3 ^ ((w3 & m) ? 0u : kSignBit));
+    const float v = kFirst == 0 ? a[j] + t : kFirst == 1 ? 0.0f + t : t;
+    if (kToX) x[j] = (kDecay ? x[j] * decay : x[j]) + v;
+    else a[j] = v;
   }
 }
 
-template <int MODE>
+template <int kFirst, bool kToX, bool kDecay>
 inline void group_terms32_n(int n, float* __restrict a, float* __restrict x, const uint32_t* w,
-                            const float* c, float decay) {
+                            const uint32_t* cb, float decay) {
   switch (n) {
-    case 1: group_terms32<1, MODE>(a, x, w, c, decay); break;
-    case 2: group_terms32<2, MODE>(a, x, w, c, decay); break;
-    case 3: group_terms32<3, MODE>(a, x, w, c, decay); break;
-    default: group_terms32<4, MODE>(a, x, w, c, decay); break;
+    case 1: group_terms32<1, kFirst, kToX, kDecay>(a, x, w, cb, decay); break;
+    case 2: group_terms32<2, kFirst, kToX, kDecay>(a, x, w, cb, decay); break;
+    case 3: group_terms32<3, kFirst, kToX, kDecay>(a, x, w, cb, decay); break;
+    default: group_terms32<4, kFirst, kToX, kDecay>(a, x, w, cb, decay); break;
+  }
+}
+
+// One group's terms with the accumulator mode chosen at run time (see group_terms32).
+inline void group_terms32_any(int n, int first, bool to_x, bool dec, float* __restrict a,
+                              float* __restrict x, const uint32_t* w, const uint32_t* cb,
+                              float decay) {
+  if (!to_x) {
+    if (first == 0) group_terms32_n<0, false, false>(n, a, x, w, cb, decay);
+    else if (first == 1) group_terms32_n<1, false, false>(n, a, x, w, cb, decay);
+    else group_terms32_n<2, false, false>(n, a, x, w, cb, decay);
+  } else if (dec) {
+    if (first == 0) group_terms32_n<0, true, true>(n, a, x, w, cb, decay);
+    else if (first == 1) group_terms32_n<1, true, true>(n, a, x, w, cb, decay);
+    else group_terms32_n<2, true, true>(n, a, x, w, cb, decay);
+  } else {
+    if (first == 0) group_terms32_n<0, true, false>(n, a, x, w, cb, decay);
+    else if (first == 1) group_terms32_n<1, true, false>(n, a, x, w, cb, decay);
+    else group_terms32_n<2, true, false>(n, a, x, w, cb, decay);
   }
 }
 
@@ -157,16 +176,21 @@ inline void rademacher_blocks_portable(void* p, int dt, uint64_t block0, int64_t
   alignas(64) float acc[G16 * zo::kBlock];
   alignas(64) uint32_t words[kSeedBatch][4][G16];  // [seed][word][block]
   alignas(64) uint32_t wg[kSumGroup];
+  alignas(64) uint32_t cbits[kSeedBatch];
   const bool fused = dt == F32 && K >= 1 && K <= kSeedBatch;
   const bool dec = decay != 1.0f;
+  bool g0_nonzero = false;  // a nonzero coefficient in group 0: then 0 + T_0 == T_0
+  for (int k = 0; k < std::min(K, kSumGroup); ++k) g0_nonzero |= coeffs[k] != 0.0f;
   for (int64_t g0 = 0; g0 < nblocks; g0 += G16) {
     const int G = (int)std::min<int64_t>(G16, nblocks - g0);
     if (!fused)
       for (int i = 0; i < G * zo::kBlock; ++i) acc[i] = 0.0f;
     for (int kb = 0; kb < K; kb += kSeedBatch) {
       const int KB = std::min(kSeedBatch, K - kb);
-      for (int k = 0; k < KB; ++k)
+      for (int k = 0; k < KB; ++k) {
         philox_blocks16_portable(block0 + (uint64_t)g0, seeds[kb + k], words[k]);
+        cbits[k] = f2u(coeffs[kb + k]);
+      }
       for (int g = 0; g < G; ++g) {
         for (int q = 0; q < 4; ++q) {
           float* __restrict a = acc + g * zo::kBlock + 32 * q;
@@ -174,19 +198,10 @@ inline void rademacher_blocks_portable(void* p, int dt, uint64_t block0, int64_t
           for (int k0 = 0; k0 < KB; k0 += kSumGroup) {  // kSeedBatch % 4 == 0: groups stay whole
             const int n = std::min(kSumGroup, KB - k0);
             for (int s = 0; s < n; ++s) wg[s] = words[k0 + s][q][g];
-            const float* c = coeffs + kb + k0;
-            const bool first = kb + k0 == 0, last = fused && k0 + kSumGroup >= KB;
-            if (last && first) {
-              if (dec) group_terms32_n<3>(n, a, x, wg, c, decay);
-              else group_terms32_n<2>(n, a, x, wg, c, decay);
-            } else if (last) {
-              if (dec) group_terms32_n<5>(n, a, x, wg, c, decay);
-              else group_terms32_n<4>(n, a, x, wg, c, decay);
-            } else if (first) {
-              group_terms32_n<0>(n, a, x, wg, c, decay);
-            } else {
-              group_terms32_n<1>(n, a, x, wg, c, decay);
-            }
+            // Not fused: acc starts at 0 and is added to like any later group (first = 0).
+            const int first = (kb + k0 == 0 && fused) ? (g0_nonzero ? 2 : 1) : 0;
+            const bool last = fused && k0 + kSumGroup >= KB;
+            group_terms32_any(n, first, last, dec, a, x, wg, cbits + k0, decay);
           }
         }
       }
