@@ -98,6 +98,31 @@ def test_chunked_linear_writes_each_chunk_into_its_columns_for_batched_inputs(au
     assert cp.chunk_max_bytes <= 48
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_makes_only_the_rows_looked_up_with_their_own_offsets(dtype):
+    """Few indices into a large table: only the rows looked up are perturbed (runs of consecutive
+    rows at their own offsets, pre-batches first), bit for bit the whole-table values; the memory
+    made is the rows', not the table's."""
+    torch.manual_seed(4)
+    emb = nn.Embedding(5000, 8).to(dtype)
+    lin = nn.Linear(3, 2).to(dtype)  # another parameter first: the table's base is not 0
+    params = [lin.weight, emb.weight]
+    offs = zo_kernels.offsets(params, 7)
+    cp = ChunkedPerturbation(params, offsets=offs, chunk_bytes=4096)
+    idx = torch.tensor([[4999, 0, 17, 18, 19], [17, 4000, 4001, 2, 0]])
+    pre = [([31, 32], [0.01, -0.03])]
+    want = emb.weight.detach().clone()
+    for s_, c_ in pre:
+        zo_kernels.apply_seeds_(want, s_, c_, 1.0, "rademacher", None, offs[1])
+    zo_kernels.apply_seeds_(want, [9], [0.5], 1.0, "rademacher", None, offs[1])
+    before = emb.weight.detach().clone()
+    with cp.perturb(9, 0.5, pre=pre):
+        got = emb(idx)
+    assert torch.equal(got, want[idx])
+    assert torch.equal(emb.weight, before)
+    assert cp.chunk_max_bytes <= 8 * 8 * emb.weight.element_size()  # 8 distinct rows, not 5000
+
+
 def test_pre_batches_and_per_parameter_alphas_match_in_place_application():
     torch.manual_seed(1)
     model = nn.Sequential(nn.Embedding(40, 8), nn.Flatten(), nn.Linear(24, 30), nn.GELU(),

@@ -18,7 +18,9 @@ The big layers never exist perturbed as a whole:
   output columns straight into the output (``torch.mm(..., out=<strided column slice>)``; under
   autocast or mixed dtypes the chunk's output is computed and copied in); ``rows`` keeps both the
   weight chunk and the output chunk below ``chunk_bytes``.
-- ``F.embedding`` (``nn.Embedding`` and subclasses such as OPT's learned positions): rows of the
+- ``F.embedding`` (``nn.Embedding`` and subclasses such as OPT's learned positions): when the
+  looked-up rows fit in one chunk (a batch of tokens into a large vocabulary), only those rows are
+  made (one kernel call per run of consecutive rows, at its own offset); otherwise rows of the
   table in chunks, only the chunks some index falls in, rows gathered into the output.
 - ``F.conv1d/2d/3d``: output channels in chunks (whole groups for grouped convolutions), each
   chunk's output channels copied into the output.
@@ -172,6 +174,29 @@ class ChunkedPerturbation:
         self.chunk_max_bytes = max(self.chunk_max_bytes, v.numel() * v.element_size())
         return v
 
+    def _gathered_rows(self, p: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows ``rows`` (sorted, unique) of the 2-D ``p``, perturbed: a new ``(len(rows), d)``
+        tensor. Each run of consecutive rows is one contiguous span of the flat noise vector, so it
+        is perturbed by one call with its own offset: the same bits as the whole-table path."""
+        d = p.shape[1]
+        v = p.detach().index_select(0, rows)
+        r = rows.tolist()
+        base = self._base[id(p)]
+        j = 0
+        while j < len(r):
+            k = j + 1
+            while k < len(r) and r[k] == r[k - 1] + 1:
+                k += 1
+            span = v[j:k].reshape(-1)
+            off = base + r[j] * d
+            for seeds, coeffs in self._pre:
+                zo_kernels.apply_seeds_(span, seeds, coeffs, 1.0, self.dist, self.backend, off)
+            zo_kernels.apply_seeds_(span, [self._seed], [self._alpha[id(p)]], 1.0, self.dist,
+                                    self.backend, off)
+            j = k
+        self.chunk_max_bytes = max(self.chunk_max_bytes, v.numel() * v.element_size())
+        return v
+
     def _full(self, p: torch.Tensor) -> torch.Tensor:
         return self._make(p, 0, p.numel()).view(p.shape)
 
@@ -277,9 +302,13 @@ def _embedding(o: ChunkedPerturbation, input, weight, padding_idx=None, max_norm
         return NotImplemented  # max_norm renormalizes rows in place: only on a whole copy
     n, d = weight.shape
     rows = max(1, o.chunk_bytes // (d * weight.element_size()))
+    idx = input.reshape(-1)
+    if idx.numel() * d * weight.element_size() <= o.chunk_bytes and idx.numel() < n:
+        # few indices (a batch of tokens into a large vocabulary): only the rows looked up are made
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        return o._gathered_rows(weight, uniq).index_select(0, inv).view(tuple(input.shape) + (d,))
     if rows >= n:
         return F.embedding(input, o._rows(weight, 0, n), padding_idx)
-    idx = input.reshape(-1)
     out = torch.empty((idx.numel(), d), dtype=weight.dtype, device=weight.device)
     which = torch.div(idx, rows, rounding_mode="floor")
     for c in torch.unique(which).tolist():
