@@ -117,6 +117,24 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
             p.add_(0.0)
     add_s, _ = median_time(add_all, repeats=max(5, repeats), warmup=1)
     passes = 2 * S + 1
+    # The step's own kernel passes alone, with no forward between them (the K of each pass: +eps z_0,
+    # -2eps z_0, then restore z_i / perturb z_i+1 pairs, then restore + update over the S seeds;
+    # S = 1 merges the last pass's two equal seeds): what the weight passes cost at this machine's
+    # memory speed, beside add_ over the same weights.
+    ks = [1, 1] + [2, 1] * (S - 1) + [S + 1]
+
+    def kernel_passes():
+        for j, k in enumerate(ks):
+            zo_kernels.apply_seeds_(flat, [77 + j + i for i in range(k)],
+                                    [(-1e-12) ** (i + 1) for i in range(k)])
+    pass_s = {}
+    for path in paths:
+        old_path = _backends.set_cpu_path(path) if path is not None else None
+        try:
+            pass_s[path], _ = median_time(kernel_passes, repeats=max(5, repeats), warmup=1)
+        finally:
+            if path is not None:
+                _backends.set_cpu_path(old_path)
     backend = "cpu" if zo_kernels.backends()["cpu"]["usable"] else "reference"
     target = target_for(model_name, S)
     rows = []
@@ -151,6 +169,9 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
                         "mezo_over_zo": med["mezo_step"] / zs if "mezo_step" in med else None,
                         "weight_pass_s": per_pass, "add_all_s": add_s,
                         "weight_pass_over_add": per_pass / add_s if add_s > 0 else None,
+                        "kernel_passes_s": pass_s[path], "kernel_pass_ks": ks,
+                        "kernel_passes_over_add": pass_s[path] / (passes * add_s) if add_s > 0 else None,
+                        "overhead_of_passes_alone": pass_s[path] / med["forwards"],
                         "cpu_times": {("zo_step" if isinstance(k, tuple) else k): v
                                       for k, v in cpu.items()
                                       if not isinstance(k, tuple) or k[1] == path},

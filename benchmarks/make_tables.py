@@ -320,23 +320,17 @@ def _optimizer_memory_notes(rows: list[dict]) -> list[str]:
 def _optimizer_step_notes(rows: list[dict]) -> list[str]:
     out = ["Medians over interleaved repeats. `overhead` = ZOOptimizer.step time / time of the "
            "2S plain forwards it must run, minus 1 (the cost of the 2S+1 weight passes)."]
-    # the memory floor: an in-place step must read and write every weight 2S+1 times; torch's own
-    # add_ over the same parameters (measured in the same process) is the cost of one such pass
-    seen = set()
+    # the memory floor: an in-place step must read and write every weight 2S+1 times; the step's
+    # kernel passes timed alone (no forward between them) are what those passes cost here
     for r in rows:
         f, c = r["figures"], r["config"]
-        key = (c.get("model"), c.get("num_samples"))
-        add, fw, S = f.get("add_all_s"), f.get("forwards_2S_s"), c.get("num_samples")
-        if key in seen or not add or not fw or not S or add < 1e-3:
+        if not isinstance(f.get("kernel_passes_s"), (int, float)) or c.get("model") != "mlp50m":
             continue
-        seen.add(key)
-        out.append(f"{c['model']} S={S}: floor of the overhead at memory speed = (2S+1) x add_ over "
-                   f"the weights / 2S forwards = {2 * S + 1} x {1e3 * add:.2f} ms / {1e3 * fw:.1f} ms "
-                   f"= {(2 * S + 1) * add / fw:.1%}; the passes measured "
-                   + ", ".join(f"{x['config'].get('cpu_path')} {x['figures']['weight_pass_over_add']:.2f}x"
-                               for x in rows if (x['config'].get('model'), x['config'].get('num_samples')) == key
-                               and isinstance(x['figures'].get('weight_pass_over_add'), (int, float)))
-                   + " add_ each.")
+        out.append(f"{c['label']}: the step's {2 * c['num_samples'] + 1} kernel passes alone "
+                   f"(K = {f['kernel_pass_ks']}) take {1e3 * f['kernel_passes_s']:.1f} ms = "
+                   f"{f['kernel_passes_over_add']:.2f}x as many add_ passes over the weights, i.e. "
+                   f"{f['overhead_of_passes_alone']:.1%} of the 2S forwards: the overhead's floor "
+                   "at this machine's memory speed.")
     return out
 
 
