@@ -217,8 +217,35 @@ class SeedsMessage:
         return cls(rnd, seeds.astype(np.uint64), steps, ck)
 
 
+class _WeightedValues:
+    """The codec of a message holding (round, float32 values, num_samples, checksum): header +
+    ``_COUNTS`` (num_samples, count) + float32[count]. GRADS and STATS differ only in the count's
+    width (``_COUNTS``) and the name an error gives the array (``_WHAT``)."""
+
+    def __post_init__(self):
+        self.values = _f32(self.values)
+
+    def to_bytes(self) -> bytes:
+        """Serialized form (header + num_samples + count, as ``_COUNTS``, + float32[count])."""
+        return (_header(self.TYPE, self.round, self.checksum)
+                + struct.pack(self._COUNTS, self.num_samples, self.values.size)
+                + self.values.astype("<f4", copy=False).tobytes())
+
+    @classmethod
+    def from_bytes(cls, buf: bytes):
+        """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        size = struct.calcsize(cls._COUNTS)
+        if len(buf) < off + size:
+            raise ValueError(f"truncated {cls.TYPE.name} message")
+        ns, n = struct.unpack_from(cls._COUNTS, buf, off)
+        vals, off = _array(buf, off + size, "<f4", n, cls._WHAT)
+        _check_end(buf, off, cls.TYPE.name)
+        return cls(rnd, vals.astype(np.float32), ns, ck)
+
+
 @dataclass
-class GradsMessage:
+class GradsMessage(_WeightedValues):
     """Client -> server in a ZO round: one float32 projected gradient per seed received.
 
     Attributes:
@@ -232,26 +259,8 @@ class GradsMessage:
     num_samples: int = 0
     checksum: int | None = None
     TYPE = MsgType.GRADS
-
-    def __post_init__(self):
-        self.values = _f32(self.values)
-
-    def to_bytes(self) -> bytes:
-        """Serialized form (header + uint32 num_samples + uint32 count + float32[count])."""
-        return (_header(self.TYPE, self.round, self.checksum)
-                + struct.pack("<II", self.num_samples, self.values.size)
-                + self.values.astype("<f4", copy=False).tobytes())
-
-    @classmethod
-    def from_bytes(cls, buf: bytes) -> "GradsMessage":
-        """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
-        _, rnd, ck, off = _read_header(buf, cls.TYPE)
-        if len(buf) < off + 8:
-            raise ValueError("truncated GRADS message")
-        ns, n = struct.unpack_from("<II", buf, off)
-        vals, off = _array(buf, off + 8, "<f4", n, "projected gradients")
-        _check_end(buf, off, "GRADS")
-        return cls(rnd, vals.astype(np.float32), ns, ck)
+    _COUNTS = "<II"  # uint32 num_samples + uint32 count
+    _WHAT = "projected gradients"
 
 
 @dataclass
@@ -593,7 +602,7 @@ class StatsRequest:
 
 
 @dataclass
-class StatsMessage:
+class StatsMessage(_WeightedValues):
     """Client -> server: BatchNorm statistics of the client's data
     (:func:`.bn.local_statistics`: ``[mean_0, var_0, mean_1, ...]``), the layout of a WEIGHTS
     message.
@@ -609,26 +618,8 @@ class StatsMessage:
     num_samples: int = 0
     checksum: int | None = None
     TYPE = MsgType.STATS
-
-    def __post_init__(self):
-        self.values = _f32(self.values)
-
-    def to_bytes(self) -> bytes:
-        """Serialized form (header + uint32 num_samples + uint64 n + float32[n])."""
-        return (_header(self.TYPE, self.round, self.checksum)
-                + struct.pack("<IQ", self.num_samples, self.values.size)
-                + self.values.astype("<f4", copy=False).tobytes())
-
-    @classmethod
-    def from_bytes(cls, buf: bytes) -> "StatsMessage":
-        """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
-        _, rnd, ck, off = _read_header(buf, cls.TYPE)
-        if len(buf) < off + 12:
-            raise ValueError("truncated STATS message")
-        ns, n = struct.unpack_from("<IQ", buf, off)
-        vals, off = _array(buf, off + 12, "<f4", n, "statistics")
-        _check_end(buf, off, "STATS")
-        return cls(rnd, vals.astype(np.float32), ns, ck)
+    _COUNTS = "<IQ"  # uint32 num_samples + uint64 n
+    _WHAT = "statistics"
 
 
 _CLASSES = {c.TYPE: c for c in (WeightsMessage, SeedsMessage, GradsMessage, BroadcastMessage,
