@@ -85,20 +85,14 @@ ZO_AVX512 inline void philox16_round(Philox16State& s) {
   s.k1 = _mm512_add_epi32(s.k1, _mm512_set1_epi32((int)zo::kKeyB));
 }
 
-// M independent Philox4x32-10 evaluations on 16 lanes each, interleaved round by round (they are
-// latency-bound one at a time), with round keys read from rk[m][2 * r + {0, 1}] (precomputed).
-template <int M>
-ZO_AVX512 inline void philox16_multi(__m512i c0, __m512i c1, const __m512i (*rk)[2 * zo::kRounds],
-                                     __m512i (*out)[4]) {
+// Philox rounds R0 .. kRounds-1 of M interleaved evaluations (state x0..x3[m], round keys
+// rk[m][2 * r + {0, 1}]), the final words written to out[m][0..3]. The one copy of the round loop of
+// philox16_multi (all rounds) and philox16_multi_r2 (rounds 1-2 precomputed).
+template <int M, int R0>
+ZO_AVX512 inline void philox16_rounds(__m512i* x0, __m512i* x1, __m512i* x2, __m512i* x3,
+                                      const __m512i (*rk)[2 * zo::kRounds], __m512i (*out)[4]) {
   const __m512i A = _mm512_set1_epi64(zo::kRoundA), B = _mm512_set1_epi64(zo::kRoundB);
-  __m512i x0[M], x1[M], x2[M], x3[M];
-  for (int m = 0; m < M; ++m) {
-    x0[m] = c0;
-    x1[m] = c1;
-    x2[m] = _mm512_setzero_si512();
-    x3[m] = _mm512_setzero_si512();
-  }
-  for (int r = 0; r < zo::kRounds; ++r) {
+  for (int r = R0; r < zo::kRounds; ++r) {
     for (int m = 0; m < M; ++m) {
       __m512i hiA, loA, hiB, loB;
       mul_hi_lo(x0[m], A, hiA, loA);
@@ -117,6 +111,21 @@ ZO_AVX512 inline void philox16_multi(__m512i c0, __m512i c1, const __m512i (*rk)
   }
 }
 
+// M independent Philox4x32-10 evaluations on 16 lanes each, interleaved round by round (they are
+// latency-bound one at a time), with round keys read from rk[m][2 * r + {0, 1}] (precomputed).
+template <int M>
+ZO_AVX512 inline void philox16_multi(__m512i c0, __m512i c1, const __m512i (*rk)[2 * zo::kRounds],
+                                     __m512i (*out)[4]) {
+  __m512i x0[M], x1[M], x2[M], x3[M];
+  for (int m = 0; m < M; ++m) {
+    x0[m] = c0;
+    x1[m] = c1;
+    x2[m] = _mm512_setzero_si512();
+    x3[m] = _mm512_setzero_si512();
+  }
+  philox16_rounds<M, 0>(x0, x1, x2, x3, rk, out);
+}
+
 // The same from round 2 on, lanes over seeds of one block (counter (c0, c1, 0, 0) in every lane):
 // rounds 1 and 2 from the block's product A c0 (hA1, lA1, broadcast) and the seeds' part
 // A (c1 ^ k0) (hA2k = hi ^ k1', lA2 = lo; shared by every block with this c1), as in the avx2
@@ -133,7 +142,7 @@ ZO_AVX512 inline Philox16SeedPart philox16_seed_part(const __m512i rk[2 * zo::kR
 template <int M>
 ZO_AVX512 inline void philox16_multi_r2(__m512i hA1, __m512i lA1, const __m512i (*rk)[2 * zo::kRounds],
                                         const Philox16SeedPart* sp, __m512i (*out)[4]) {
-  const __m512i A = _mm512_set1_epi64(zo::kRoundA), B = _mm512_set1_epi64(zo::kRoundB);
+  const __m512i B = _mm512_set1_epi64(zo::kRoundB);
   __m512i x0[M], x1[M], x2[M], x3[M];
   for (int m = 0; m < M; ++m) {
     __m512i hB, lB;
@@ -143,23 +152,7 @@ ZO_AVX512 inline void philox16_multi_r2(__m512i hA1, __m512i lA1, const __m512i 
     x2[m] = _mm512_xor_si512(sp[m].hA2k, lA1);
     x3[m] = sp[m].lA2;
   }
-  for (int r = 2; r < zo::kRounds; ++r) {
-    for (int m = 0; m < M; ++m) {
-      __m512i hiA, loA, hiB, loB;
-      mul_hi_lo(x0[m], A, hiA, loA);
-      mul_hi_lo(x2[m], B, hiB, loB);
-      x0[m] = _mm512_ternarylogic_epi32(hiB, x1[m], rk[m][2 * r], 0x96);
-      x2[m] = _mm512_ternarylogic_epi32(hiA, x3[m], rk[m][2 * r + 1], 0x96);
-      x1[m] = loB;
-      x3[m] = loA;
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    out[m][0] = x0[m];
-    out[m][1] = x1[m];
-    out[m][2] = x2[m];
-    out[m][3] = x3[m];
-  }
+  philox16_rounds<M, 2>(x0, x1, x2, x3, rk, out);
 }
 
 // Philox4x32-10 of counters (c0, c1, 0, 0) under keys (k0, k1) on 16 lanes.
