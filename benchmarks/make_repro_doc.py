@@ -312,6 +312,15 @@ def _premise(plots: bool = True):
                      f"{b['config']['params']:,}; ZOWarmUp - High Res Only goes from "
                      f"{a['figures']['zowarmup']['mean'] - a['figures']['high_res_only']['mean']:+.1f} "
                      f"to {b['figures']['zowarmup']['mean'] - b['figures']['high_res_only']['mean']:+.1f} points.")
+            below = [f"{r['config']['params']:,}" for r in fr
+                     if gap(r["figures"]["zowarmup"], r["figures"]["zo_only"]) [1]
+                     and r["figures"]["zowarmup"]["mean"] > r["figures"]["zo_only"]["mean"]]
+            gain = [f"{r['config']['params']:,}" for r in fr
+                    if gap(r["figures"]["zowarmup"], r["figures"]["high_res_only"])[1]
+                    and r["figures"]["zowarmup"]["mean"] > r["figures"]["high_res_only"]["mean"]]
+            L.append(f"  ZO from scratch is below ZOWarmUp by more than the seeds' std at "
+                     f"{', '.join(below) or 'no size'} weights; ZOWarmUp is above High Res Only by "
+                     f"more than the seeds' std at {', '.join(gain) or 'no size'} weights.")
     L.append("")
     if rows:
         try:
