@@ -170,7 +170,8 @@ def test_simulation_engine_matches_embedded(embedded, tmp_path):
                RAY_DEDUP_LOGS="0", RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0")  # the installed package
     res = subprocess.run([sys.executable, "-m", "zowarmup.flower", "simulate", "--supernodes",
                           str(N), "--overrides", " ".join(FLOWER_RUN), "--out",
-                          str(tmp_path / "out"), "--deadline", "600"],
+                          str(tmp_path / "out"), "--deadline", "600",
+                          "--discovery-timeout", "600"],
                          capture_output=True, text=True, env=env,
                          timeout=900)  # only a hung run fails on time; speed is a benchmark's job
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])

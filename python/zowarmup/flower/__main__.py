@@ -46,7 +46,11 @@ def main(argv=None) -> int:
     for p in (a, sub.add_parser("simulate", help="run in Flower's simulation engine")):
         p.add_argument("--overrides", default="", help='zowarmup overrides, e.g. "rounds=10"')
         p.add_argument("--config", default="", help="zowarmup TOML/JSON config file")
-        p.add_argument("--deadline", type=float, default=120.0)
+        p.add_argument("--deadline", type=float, default=120.0,
+                       help="seconds a round waits for replies (default 120)")
+        p.add_argument("--discovery-timeout", type=float, default=120.0,
+                       help="seconds to wait for every SuperNode to connect and answer the "
+                            "hello (default 120)")
         p.add_argument("--out", default="")
     s = sub.choices["simulate"]
     s.add_argument("--supernodes", type=int, default=10)
@@ -61,7 +65,8 @@ def main(argv=None) -> int:
     if args.cmd == "app":
         from .apps import write_app
         d = write_app(args.dir, {"config": args.config, "overrides": args.overrides,
-                                 "deadline": args.deadline, "out": args.out})
+                                 "deadline": args.deadline,
+                                 "discovery-timeout": args.discovery_timeout, "out": args.out})
         print(f"wrote {d / 'pyproject.toml'}; run it with: flwr run {d} <connection>")
         return 0
     # simulate
@@ -72,7 +77,8 @@ def main(argv=None) -> int:
     from .apps import config_from_run_config, make_client_app, make_server_app
     cfg = config_from_run_config({"config": args.config, "overrides": " ".join(
         shlex.split(args.overrides) + [f"data.num_clients={args.supernodes}"])})
-    run_simulation(make_server_app(cfg, deadline=args.deadline, out=args.out or None),
+    run_simulation(make_server_app(cfg, deadline=args.deadline, out=args.out or None,
+                                   discovery_timeout=args.discovery_timeout),
                    make_client_app(cfg), num_supernodes=args.supernodes,
                    backend_config={"client_resources": {"num_cpus": 1}})
     if args.out:
