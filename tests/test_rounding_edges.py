@@ -13,7 +13,8 @@ rounding to the tensor's dtype. The cases here put the fp32 result where a diffe
 - subnormals of the dtype, and fp32 subnormals in the arithmetic (bf16 subnormals are fp32
   subnormals: flush-to-zero or denormals-are-zero would show);
 - -0.0 in the weights, and results that round to -0.0 (tiny negative fp32 values);
-- NaN, +inf and -inf already in the weights (and inf - inf from an overflowing ``acc``).
+- NaN, +inf and -inf already in the weights (and inf - inf from an overflowing ``acc``);
+- every one of the 65,536 bit patterns of each half type as a weight, with K = 1, 2, 3 and a decay.
 
 Bits are compared as raw integers (``torch.equal`` treats -0.0 == 0.0 and NaN != NaN). NaN
 payloads: float32 results are compared bit for bit, NaN included; bf16/fp16 results only need a NaN
@@ -121,6 +122,20 @@ def build_cases() -> list[Case]:
                              (2, [0.25, -0.25], 1.0), (6, [1e30, 0.0, -1e30, 1e-30, 0.0, 2.0], 0.5)):
             cases.append(Case(f"{tag} specials K={K} {cs} decay {decay}", dt, v, SEEDS8[:K], cs,
                               decay, offset=2**39 + 5))
+    # every value of each half type (65,536 bit patterns: subnormals, +-inf, NaNs included) through
+    # the kernel's load and store: a round trip (c = 0), sums that round across the whole range and
+    # overflow, and the decay multiply
+    for dt, np_view in ((torch.float16, np.float16), (torch.bfloat16, None)):
+        bits = np.arange(65536, dtype=np.uint32)
+        if np_view is not None:
+            v = bits.astype(np.uint16).view(np_view).astype(np.float32)
+        else:
+            v = (bits << 16).view(np.float32)
+        tag = str(dt).split(".")[1]
+        for K, cs, decay in ((1, [0.0], 1.0), (2, [_pow2(-12), 3.0], 1.0),
+                             (3, [1e-4, -_pow2(-20), 0.5], 0.75)):
+            cases.append(Case(f"{tag} every value K={K} {cs} decay {decay}", dt, v.copy(),
+                              SEEDS8[3:3 + K], cs, decay, offset=17))
     # float32 subnormal arithmetic (the bf16 subnormal cases above rely on it too)
     cases.append(Case("float32 subnormals", torch.float32,
                       _subnormals(torch.float32, 256, 6), SEEDS8[:5],

@@ -9,7 +9,8 @@
 //    T_g = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 is the very expression that defines the table
 //    entry T_g[idx_g] (fp32, left to right), so computing it per element gives the table's bits without
 //    a gather (which no baseline target has). s_k c_k is c_k with its sign bit flipped on a bit test;
-//  - the final p = p * decay + acc for float32 and bfloat16 (bfloat16 rounding written on integers).
+//  - the final p = p * decay + acc for float32, bfloat16 and float16 (the half types' conversions
+//    written on integers and fp32 arithmetic, no branch).
 #pragma once
 
 #include <algorithm>
@@ -136,6 +137,41 @@ inline float bf16_load_portable(uint16_t h) {
   return f;
 }
 
+// float16 <-> float32 written on integers and fp32 arithmetic only, no table and no branch, so
+// that the loops below vectorize on any target; the same values as c10::Half's conversions (round to
+// nearest even, subnormals, +-inf; NaN stays NaN with its sign). They need IEEE fp32 with subnormals
+// (no flush-to-zero), like the rest of the kernel.
+//
+// Load: a normal or inf/NaN half moves its exponent and mantissa into fp32 position (exponent rebased
+// by +224, then the product by 2**-112 removes the surplus: exact, and inf/NaN stay inf/NaN); a
+// subnormal half m * 2**-24 is read as 0.5 + m * 2**-24 (exponent 126, m in the low bits) minus 0.5,
+// which is exact.
+inline float f16_load_portable(uint16_t h) {
+  const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+  const float normal = u2f((two_w >> 4) + (224u << 23)) * 0x1.0p-112f;
+  const float subnormal = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
+  // Chosen on the bits with a mask, not with ?: on floats, which GCC (trapping math) keeps as a
+  // branch and then does not vectorize.
+  const uint32_t is_sub = 0u - (uint32_t)(two_w < (1u << 27));
+  return u2f(sign | (f2u(subnormal) & is_sub) | (f2u(normal) & ~is_sub));
+}
+// Store: |f| * 2**112 * 2**-110 is |f| * 4 below the half range and +inf from 2**16 on (the first
+// product overflows). Adding 2**(e + 15), e = max(exponent of f, -14), whose fp32 ulp 2**(e - 8) is
+// 4 half ulps at exponent e, makes the fp32 adder round |f| * 4 to the half's 10 mantissa bits, to
+// nearest even (subnormals and the overflow to inf included); the half's exponent and mantissa are
+// then read from the sum's bits. NaN (|f| bits above inf's) gives sign | 0x7e00.
+inline uint16_t f16_round_portable(float f) {
+  const uint32_t w = f2u(f), sign = w & 0x80000000u, two_w = w + w;
+  const float scaled = (u2f(w & 0x7fffffffu) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t e = two_w & 0xff000000u;  // 2 x biased exponent, at least 2 x 113 (masks, see load)
+  const uint32_t low = 0u - (uint32_t)(e < 0x71000000u);
+  const uint32_t e2 = (0x71000000u & low) | (e & ~low);
+  const uint32_t sum = f2u(u2f((e2 >> 1) + 0x07800000u) + scaled);
+  const uint32_t nonsign = ((sum >> 13) & 0x7c00u) + (sum & 0x0fffu);
+  const uint32_t nan = 0u - (uint32_t)(two_w > 0xff000000u);
+  return (uint16_t)((sign >> 16) | (0x7e00u & nan) | (nonsign & ~nan));
+}
+
 // x[0..n) = x * decay + acc (decay == 1: no multiply), rounded once to dtype dt.
 inline void finalize_portable(void* p, int dt, int64_t e0, const float* __restrict acc, int n,
                               float decay) {
@@ -158,10 +194,13 @@ inline void finalize_portable(void* p, int dt, int64_t e0, const float* __restri
       for (int i = 0; i < n; ++i) x[i] = bf16_round_portable(bf16_load_portable(x[i]) + acc[i]);
     }
   } else {
-    for (int i = 0; i < n; ++i) {
-      float xi = load_elem(p, dt, e0 + i);
-      if (decay != 1.0f) xi = xi * decay;
-      store_elem(p, dt, e0 + i, xi + acc[i]);
+    uint16_t* __restrict x = static_cast<uint16_t*>(p) + e0;
+    if (decay != 1.0f) {
+#pragma omp simd
+      for (int i = 0; i < n; ++i) x[i] = f16_round_portable(f16_load_portable(x[i]) * decay + acc[i]);
+    } else {
+#pragma omp simd
+      for (int i = 0; i < n; ++i) x[i] = f16_round_portable(f16_load_portable(x[i]) + acc[i]);
     }
   }
 }
