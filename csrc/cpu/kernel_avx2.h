@@ -32,7 +32,7 @@ namespace zo_cpu {
 constexpr int kDirectMaxK = 15;  // K <= 15: direct; K >= 16: tables + transpose
 
 // 8 elements of dtype dt at element e of p, as float32.
-ZO_AVX2 inline __m256 load8(const void* p, int dt, int64_t e) {
+ZO_AVX2 inline __attribute__((always_inline)) __m256 load8(const void* p, int dt, int64_t e) {
   if (dt == F32) return _mm256_loadu_ps(static_cast<const float*>(p) + e);
   const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + e));
   if (dt == BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
@@ -41,7 +41,7 @@ ZO_AVX2 inline __m256 load8(const void* p, int dt, int64_t e) {
 
 // Stores 8 float32 values rounded to dtype dt exactly as c10's scalar conversions do (round to
 // nearest even; bfloat16 NaN -> 0x7fc0, float16 NaN -> sign | 0x7e00).
-ZO_AVX2 inline void store8(void* p, int dt, int64_t e, __m256 v) {
+ZO_AVX2 inline __attribute__((always_inline)) void store8(void* p, int dt, int64_t e, __m256 v) {
   if (dt == F32) {
     _mm256_storeu_ps(static_cast<float*>(p) + e, v);
     return;
@@ -66,15 +66,47 @@ ZO_AVX2 inline void store8(void* p, int dt, int64_t e, __m256 v) {
 }
 
 // x = x * decay + acc (decay == 1: no multiply) for 8 elements.
-ZO_AVX2 inline void finalize8(void* p, int dt, int64_t e, __m256 acc, bool dec, __m256 dv) {
+ZO_AVX2 inline __attribute__((always_inline)) void finalize8(void* p, int dt, int64_t e, __m256 acc, bool dec,
+                                                           __m256 dv) {
   __m256 x = load8(p, dt, e);
   if (dec) x = _mm256_mul_ps(x, dv);
   store8(p, dt, e, _mm256_add_ps(x, acc));
 }
 
-// K <= 15 (see the top of the file). Full blocks [block0, block0 + nblocks) at p.
-ZO_AVX2 void rademacher_direct_avx2(void* p, int dt, uint64_t block0, int64_t nblocks,
-                                   const uint64_t* seeds, const float* coeffs, int K, float decay) {
+// bfloat16 bits of 8 floats in the high half of each lane (the low half is left over), rounded as
+// c10 does: to nearest even, NaN -> 0x7fc0.
+ZO_AVX2 inline __attribute__((always_inline)) __m256i bf16_round_hi8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i bias = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1)),
+                                        _mm256_set1_epi32(0x7fff));
+  return _mm256_blendv_epi8(_mm256_add_epi32(u, bias), _mm256_set1_epi32(0x7fc00000),
+                            _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+
+// 16 bfloat16 elements at e: x = x * decay + acc, with the even elements' acc in ae and the odd
+// ones' in ao. One 32-byte load and store and no lane-crossing shuffle: the even elements are the
+// low halves of the 32-bit lanes (moved up by a shift), the odd ones the high halves (masked).
+ZO_AVX2 inline __attribute__((always_inline)) void finalize16_bf16(void* p, int64_t e, __m256 ae,
+                                                                  __m256 ao, bool dec, __m256 dv) {
+  __m256i* q = reinterpret_cast<__m256i*>(static_cast<uint16_t*>(p) + e);
+  const __m256i x = _mm256_loadu_si256(q);
+  __m256 xe = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  __m256 xo = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32((int)0xffff0000u)));
+  if (dec) {
+    xe = _mm256_mul_ps(xe, dv);
+    xo = _mm256_mul_ps(xo, dv);
+  }
+  const __m256i re = bf16_round_hi8(_mm256_add_ps(xe, ae)), ro = bf16_round_hi8(_mm256_add_ps(xo, ao));
+  _mm256_storeu_si256(q, _mm256_blend_epi16(_mm256_srli_epi32(re, 16), ro, 0xAA));
+}
+
+// K <= 15 (see the top of the file). Full blocks [block0, block0 + nblocks) at p. The dtype is a
+// template argument (DT), so each dtype's loads and stores are compiled into the loop without a
+// run-time branch (measured: bfloat16 K = 1 at 1.23 cycles per element with the run-time dtype).
+template <int DT>
+ZO_AVX2 void rademacher_direct_avx2_t(void* p, uint64_t block0, int64_t nblocks,
+                                     const uint64_t* seeds, const float* coeffs, int K, float decay) {
+  constexpr int dt = DT;
   alignas(32) uint32_t W[kDirectMaxK + 1][4][kGroup];  // [seed][word][block]
   __m256i rk[kDirectMaxK + 1][2 * zo::kRounds];
   __m256 cpos[kDirectMaxK + 1], cneg[kDirectMaxK + 1];
@@ -88,8 +120,14 @@ ZO_AVX2 void rademacher_direct_avx2(void* p, int dt, uint64_t block0, int64_t nb
   for (int k = 0; k < std::min(K, kSumGroup); ++k) g0_nonzero |= coeffs[k] != 0.0f;
   // Lane i of sh[v] = 31 - (8v + i): vpsllvd moves bit 8v + i of a word into the sign position.
   const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  // bfloat16: acc[2m] holds the even and acc[2m + 1] the odd elements of 16 (finalize16_bf16), so
+  // lane i of sh[2m + o] = 31 - (16m + 2i + o); other dtypes: lane i of sh[v] = 31 - (8v + i).
+  constexpr bool kPairs = DT == BF16;
   __m256i sh[4];
-  for (int v = 0; v < 4; ++v) sh[v] = _mm256_sub_epi32(_mm256_set1_epi32(31 - 8 * v), iota);
+  for (int v = 0; v < 4; ++v)
+    sh[v] = kPairs ? _mm256_sub_epi32(_mm256_set1_epi32(31 - 16 * (v / 2) - v % 2),
+                                      _mm256_add_epi32(iota, iota))
+                   : _mm256_sub_epi32(_mm256_set1_epi32(31 - 8 * v), iota);
   const bool dec = decay != 1.0f;
   const __m256 dv = _mm256_set1_ps(decay);
   const __m256i A = _mm256_set1_epi32((int)zo::kRoundA);
@@ -165,10 +203,22 @@ ZO_AVX2 void rademacher_direct_avx2(void* p, int dt, uint64_t block0, int64_t nb
             for (int v = 0; v < 4; ++v) acc[v] = _mm256_add_ps(_mm256_setzero_ps(), T[v]);
           }
         }
-        for (int v = 0; v < 4; ++v) finalize8(p, dt, eb + 32 * q + 8 * v, acc[v], dec, dv);
+        if constexpr (kPairs) {
+          for (int m = 0; m < 2; ++m) finalize16_bf16(p, eb + 32 * q + 16 * m, acc[2 * m], acc[2 * m + 1], dec, dv);
+        } else {
+          for (int v = 0; v < 4; ++v) finalize8(p, dt, eb + 32 * q + 8 * v, acc[v], dec, dv);
+        }
       }
     }
   }
+}
+
+ZO_AVX2 inline void rademacher_direct_avx2(void* p, int dt, uint64_t block0, int64_t nblocks,
+                                          const uint64_t* seeds, const float* coeffs, int K,
+                                          float decay) {
+  if (dt == F32) rademacher_direct_avx2_t<F32>(p, block0, nblocks, seeds, coeffs, K, decay);
+  else if (dt == BF16) rademacher_direct_avx2_t<BF16>(p, block0, nblocks, seeds, coeffs, K, decay);
+  else rademacher_direct_avx2_t<F16>(p, block0, nblocks, seeds, coeffs, K, decay);
 }
 
 // K >= 16 (see the top of the file). tables: the call's subset-sum tables (16 floats per group).

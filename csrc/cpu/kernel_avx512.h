@@ -189,15 +189,48 @@ ZO_AVX512 inline void block_counters(uint64_t b, __m512i& lo, __m512i& hi) {
 // grouped loop below, 1.0x here.)
 constexpr int kSmallMaxK = 8;
 
-template <int N, bool kDecay, bool kZeroAdd, bool kF32>
+// bfloat16 bits of 16 floats in the high half of each lane (the low half is left over), rounded as
+// c10 does: to nearest even, NaN -> 0x7fc0.
+ZO_AVX512 inline __attribute__((always_inline)) __m512i bf16_round_hi16(__m512 v) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)),
+                                        _mm512_set1_epi32(0x7fff));
+  return _mm512_mask_mov_epi32(_mm512_add_epi32(u, bias), _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                               _mm512_set1_epi32(0x7fc00000));
+}
+
+// 32 bfloat16 elements at e: x = x * decay + acc, the even elements' acc in ae, the odd ones' in ao
+// (as finalize16_bf16 on the avx2 path: one 64-byte load and store, no lane-crossing shuffle).
+ZO_AVX512 inline __attribute__((always_inline)) void finalize32_bf16_avx512(void* p, int64_t e,
+                                                                           __m512 ae, __m512 ao,
+                                                                           bool dec, __m512 d) {
+  uint16_t* q = static_cast<uint16_t*>(p) + e;
+  const __m512i x = _mm512_loadu_si512(q);
+  __m512 xe = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  __m512 xo = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
+  if (dec) {
+    xe = _mm512_mul_ps(xe, d);
+    xo = _mm512_mul_ps(xo, d);
+  }
+  const __m512i re = bf16_round_hi16(_mm512_add_ps(xe, ae)), ro = bf16_round_hi16(_mm512_add_ps(xo, ao));
+  _mm512_storeu_si512(q, _mm512_mask_blend_epi16((__mmask32)0xAAAAAAAAu, _mm512_srli_epi32(re, 16), ro));
+}
+
+// DT: the dtype, compiled into the loop. bfloat16 keeps the even elements of each 32 in t0 and the
+// odd ones in t1 (finalize32_bf16_avx512); the other dtypes elements 0..15 and 16..31.
+template <int N, bool kDecay, bool kZeroAdd, int DT>
 ZO_AVX512 inline void rademacher_small_avx512_t(void* p, int dt, uint64_t block0, int64_t nblocks,
                                                 const uint64_t* seeds, const float* coeffs,
                                                 float decay) {
+  constexpr bool kF32 = DT == F32, kPairs = DT == BF16;
   float* x = static_cast<float*>(p);
   const __m256 dv = _mm256_set1_ps(decay);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i sh_lo = _mm512_sub_epi32(_mm512_set1_epi32(31), iota);
-  const __m512i sh_hi = _mm512_sub_epi32(_mm512_set1_epi32(15), iota);
+  // lane i of sh_lo / sh_hi moves bit i / 16 + i (pairs: 2i / 2i + 1) of a word to the sign
+  const __m512i sh_lo = kPairs ? _mm512_sub_epi32(_mm512_set1_epi32(31), _mm512_add_epi32(iota, iota))
+                               : _mm512_sub_epi32(_mm512_set1_epi32(31), iota);
+  const __m512i sh_hi = kPairs ? _mm512_sub_epi32(_mm512_set1_epi32(30), _mm512_add_epi32(iota, iota))
+                               : _mm512_sub_epi32(_mm512_set1_epi32(15), iota);
   const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
   const __m512 d = _mm512_set1_ps(decay);
   __m512i nc[N];
@@ -255,7 +288,11 @@ ZO_AVX512 inline void rademacher_small_avx512_t(void* p, int dt, uint64_t block0
         }
         t0 = a0;
         t1 = a1;
-        if (!kF32) {  // bfloat16 / float16: the avx2 path's 8-element update and rounding store
+        if (kPairs) {
+          finalize32_bf16_avx512(p, eb + 32 * q, t0, t1, kDecay, d);
+          continue;
+        }
+        if (!kF32) {  // float16: the avx2 path's 8-element update and rounding store
           const int64_t e = eb + 32 * q;
           finalize8(p, dt, e, _mm512_castps512_ps256(t0), kDecay, dv);
           finalize8(p, dt, e + 8, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t0), 1)), kDecay, dv);
@@ -275,34 +312,34 @@ ZO_AVX512 inline void rademacher_small_avx512_t(void* p, int dt, uint64_t block0
   }
 }
 
-template <int N, bool kF32>
+template <int N, int DT>
 ZO_AVX512 inline void rademacher_small_avx512_n(void* p, int dt, uint64_t block0, int64_t nblocks,
                                                 const uint64_t* seeds, const float* coeffs,
                                                 float decay) {
   bool nonzero = false;  // in group 0
   for (int k = 0; k < std::min(N, kSumGroup); ++k) nonzero |= coeffs[k] != 0.0f;
   if (decay != 1.0f) {
-    if (nonzero) rademacher_small_avx512_t<N, true, false, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay);
-    else rademacher_small_avx512_t<N, true, true, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay);
+    if (nonzero) rademacher_small_avx512_t<N, true, false, DT>(p, dt, block0, nblocks, seeds, coeffs, decay);
+    else rademacher_small_avx512_t<N, true, true, DT>(p, dt, block0, nblocks, seeds, coeffs, decay);
   } else {
-    if (nonzero) rademacher_small_avx512_t<N, false, false, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay);
-    else rademacher_small_avx512_t<N, false, true, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay);
+    if (nonzero) rademacher_small_avx512_t<N, false, false, DT>(p, dt, block0, nblocks, seeds, coeffs, decay);
+    else rademacher_small_avx512_t<N, false, true, DT>(p, dt, block0, nblocks, seeds, coeffs, decay);
   }
 }
 
-template <bool kF32>
+template <int DT>
 ZO_AVX512 inline void rademacher_small_avx512_dt(void* p, int dt, uint64_t block0, int64_t nblocks,
                                                  const uint64_t* seeds, const float* coeffs, int K,
                                                  float decay) {
   switch (K) {
-    case 1: rademacher_small_avx512_n<1, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
-    case 2: rademacher_small_avx512_n<2, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
-    case 3: rademacher_small_avx512_n<3, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
-    case 4: rademacher_small_avx512_n<4, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
-    case 5: rademacher_small_avx512_n<5, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
-    case 6: rademacher_small_avx512_n<6, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
-    case 7: rademacher_small_avx512_n<7, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
-    default: rademacher_small_avx512_n<8, kF32>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 1: rademacher_small_avx512_n<1, DT>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 2: rademacher_small_avx512_n<2, DT>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 3: rademacher_small_avx512_n<3, DT>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 4: rademacher_small_avx512_n<4, DT>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 5: rademacher_small_avx512_n<5, DT>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 6: rademacher_small_avx512_n<6, DT>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    case 7: rademacher_small_avx512_n<7, DT>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
+    default: rademacher_small_avx512_n<8, DT>(p, dt, block0, nblocks, seeds, coeffs, decay); break;
   }
 }
 
@@ -310,8 +347,9 @@ ZO_AVX512 inline void rademacher_small_avx512_dt(void* p, int dt, uint64_t block
 ZO_AVX512 inline void rademacher_small_avx512(void* p, int dt, uint64_t block0, int64_t nblocks,
                                               const uint64_t* seeds, const float* coeffs, int K,
                                               float decay) {
-  if (dt == F32) rademacher_small_avx512_dt<true>(p, dt, block0, nblocks, seeds, coeffs, K, decay);
-  else rademacher_small_avx512_dt<false>(p, dt, block0, nblocks, seeds, coeffs, K, decay);
+  if (dt == F32) rademacher_small_avx512_dt<F32>(p, dt, block0, nblocks, seeds, coeffs, K, decay);
+  else if (dt == BF16) rademacher_small_avx512_dt<BF16>(p, dt, block0, nblocks, seeds, coeffs, K, decay);
+  else rademacher_small_avx512_dt<F16>(p, dt, block0, nblocks, seeds, coeffs, K, decay);
 }
 
 // AVX-512 fast path (grouped order). Per group of up to 16 blocks and batch of up to 64 seeds:
