@@ -4,8 +4,9 @@ every CPU path of the C++ backend this machine runs (avx512, avx2, portable), si
 Everything runs in ONE process on ONE tensor (default: 100M float32 = 400 MB), and the timed ops are
 interleaved round by round (add_, then per CPU path perturb_ and apply_seeds_ K=1/8/16/64, then 64
 sequential perturb_ calls and the MeZO-style replay, then the next round), so the drift of a shared
-machine hits every op alike. Ratios are the median over rounds of (op time / add_ time in the same
-round); ``cpu_time_ratio_to_add`` is the same ratio in CPU time of the process (all threads), which
+machine hits every op alike. Every op is paired with an ``add_`` on the same tensor timed just
+before it in the same round (so the state the previous op leaves, caches and clocks, hits both
+alike); ratios are the median over rounds of (op time / that add_'s time); ``cpu_time_ratio_to_add`` is the same ratio in CPU time of the process (all threads), which
 time slices lost to other processes on a loaded machine do not inflate. Each row names its CPU path (``config.cpu_path``) and ``zo_kernels._C.cpu_isa()`` for it.
 
 Ops (tensor ``x`` of ``n`` elements, ``e`` bytes per element):
@@ -20,6 +21,9 @@ Ops (tensor ``x`` of ``n`` elements, ``e`` bytes per element):
 - ``mezo_replay``: MeZO-style replay of ONE seed with torch's own RNG: ``torch.manual_seed(seed)``,
   the noise materialized as a tensor (Rademacher via ``torch.randint(0, 2) * 2 - 1``, or Gaussian via
   ``torch.normal``), then ``add_``. One pass; replaying K seeds costs K such passes.
+- ``add_ / perturb_ / apply_seeds_ K=8`` on bfloat16 and float16 (``--half-dtypes``): the same ops on
+  an n-element tensor of that dtype, each ratio over that dtype's own ``add_`` in the same round; no
+  target (they show the cost of rounding to a half type on each path).
 - ``call overhead [path]``: microseconds per ``apply_seeds_`` call from Python on 4 small float32
   tensors (10, 100, 128 and 300 elements, K = 1: the work itself is well under a microsecond),
   the median over rounds of the mean of 2000 calls, beside ``torch add_ x4`` (four ``add_`` calls on
@@ -126,6 +130,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="zo_kernels backend to time (default cpu; 'reference' works without the "
                          "C++ build but is hundreds of times slower: use a small --n)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--half-dtypes", default="bfloat16,float16",
+                    help="comma-separated half dtypes that also get add_, perturb_ and "
+                         "apply_seeds_ K=8 rows per path on an n-element tensor of their own "
+                         "('' to skip)")
     ap.add_argument("--ks", default="1,8,16,64",
                     help="comma-separated K values for apply_seeds_ (default 1,8,16,64)")
     ap.add_argument("--sequential", type=int, default=64,
@@ -210,13 +218,20 @@ def main(argv=None) -> int:
     esize = torch.empty((), dtype=dtype).element_size()
     bytes_moved = 2 * esize * n  # one read + one write of every element
 
-    mismatch = {}
+    halves = [h.strip() for h in args.half_dtypes.split(",") if h.strip() and h.strip() != args.dtype]
+    bad_h = [h for h in halves if h not in DTYPES]
+    if bad_h:
+        print(f"bench_kernels_cpu: --half-dtypes {bad_h}: choose from {sorted(DTYPES)}",
+              file=sys.stderr)
+        return 2
+    mismatch = {}  # (path, dtype name) -> what differs from the reference ("" = nothing)
     for path in paths:
         use(path)
-        mismatch[path] = verify_backend(args.backend, dtype)
-        if mismatch[path]:
-            print(f"WARNING: backend {args.backend!r} path {path} does not match the reference: "
-                  f"{mismatch[path]}", file=sys.stderr)
+        for dname in [args.dtype, *halves]:
+            mismatch[(path, dname)] = verify_backend(args.backend, DTYPES[dname])
+            if mismatch[(path, dname)]:
+                print(f"WARNING: backend {args.backend!r} path {path} {dname} does not match the "
+                      f"reference: {mismatch[(path, dname)]}", file=sys.stderr)
 
     x = torch.ones(n, dtype=dtype)  # allocated and touched before any timing
     be = args.backend
@@ -232,13 +247,15 @@ def main(argv=None) -> int:
     def tag(path):
         return f" [{path}]" if path is not None else ""
 
+    # name -> (callable, rounds, K, path, dtype name); each timing is paired with the add_ of its
+    # own dtype in the same round.
     ops: dict[str, tuple] = {"add_": (lambda: x.add_(1.0 if nxt() > 0 else -1.0), args.repeats, 1,
-                                      None)}
+                                      None, args.dtype)}
     for path in paths:
         def run_perturb(path=path):
             use(path)
             zo_kernels.perturb_([x], seed1[0], nxt() * coef1[0], backend=be)
-        ops["perturb_" + tag(path)] = (run_perturb, args.repeats, 1, path)
+        ops["perturb_" + tag(path)] = (run_perturb, args.repeats, 1, path, args.dtype)
         for k in args.ks:
             sk, ck = seeds_and_coeffs(k)
             ck_neg = [-c for c in ck]
@@ -246,7 +263,7 @@ def main(argv=None) -> int:
             def run_apply(sk=sk, ck=ck, ck_neg=ck_neg, path=path):
                 use(path)
                 zo_kernels.apply_seeds_([x], sk, ck if nxt() > 0 else ck_neg, backend=be)
-            ops[f"apply_seeds_ K={k}" + tag(path)] = (run_apply, args.repeats, k, path)
+            ops[f"apply_seeds_ K={k}" + tag(path)] = (run_apply, args.repeats, k, path, args.dtype)
     if args.sequential:
         ss, cs = seeds_and_coeffs(args.sequential)
 
@@ -256,12 +273,29 @@ def main(argv=None) -> int:
             for sd, c in zip(ss, cs):
                 zo_kernels.perturb_([x], sd, s * c, backend=be)
         ops[f"perturb_ x{args.sequential}" + tag(paths[0])] = (run_seq, args.repeats,
-                                                               args.sequential, paths[0])
+                                                               args.sequential, paths[0],
+                                                               args.dtype)
     if not args.no_mezo and args.mezo_repeats > 0:
         for dist in ("rademacher", "gaussian"):
             ops[f"mezo_replay {dist}"] = (
                 lambda dist=dist: mezo_replay_([x], seed1[0], nxt() * coef1[0], dist),
-                args.mezo_repeats, 1, None)
+                args.mezo_repeats, 1, None, args.dtype)
+    # Half dtypes: a tensor of their own, its own add_ baseline, perturb_ and K = 8 per path.
+    xh = {h: torch.ones(n, dtype=DTYPES[h]) for h in halves}
+    s8, c8 = seeds_and_coeffs(8)
+    for h in halves:
+        ops[f"add_ {h}"] = (lambda h=h: xh[h].add_(1.0 if nxt() > 0 else -1.0), args.repeats, 1,
+                            None, h)
+        for path in paths:
+            def run_perturb_h(path=path, h=h):
+                use(path)
+                zo_kernels.perturb_([xh[h]], seed1[0], nxt() * coef1[0], backend=be)
+
+            def run_k8_h(path=path, h=h):
+                use(path)
+                zo_kernels.apply_seeds_([xh[h]], s8, [nxt() * c for c in c8], backend=be)
+            ops[f"perturb_ {h}" + tag(path)] = (run_perturb_h, args.repeats, 1, path, h)
+            ops[f"apply_seeds_ K=8 {h}" + tag(path)] = (run_k8_h, args.repeats, 8, path, h)
 
     # Per-call overhead: tiny tensors, many calls per timing (the work is well under 1 us).
     small = [torch.randn(m) for m in OVERHEAD_SIZES]
@@ -280,24 +314,31 @@ def main(argv=None) -> int:
 
     times: dict[str, list[float]] = {name: [] for name in list(ops) + list(ov_ops)}
     cpu_times: dict[str, list[float]] = {name: [] for name in ops}
-    add_in_round: list[float] = []
-    add_cpu_in_round: list[float] = []
+    add_names = {args.dtype: "add_", **{h: f"add_ {h}" for h in halves}}
+    # per op: the add_ of its dtype timed just before it in each round
+    pair_add: dict[str, list[float]] = {name: [] for name in ops}
+    pair_add_cpu: dict[str, list[float]] = {name: [] for name in ops}
     load_start = os.getloadavg()[0]  # other processes on a shared machine skew absolute GB/s
     t_start = time.perf_counter()
     try:
         for rnd in range(args.repeats + 1):  # round 0 is the untimed warm-up
-            for name, (fn, rounds, _k, _p) in ops.items():
+            for name, (fn, rounds, _k, _p, dname) in ops.items():
                 if rnd > rounds:
                     continue
+                base = add_names[dname]
+                if name != base:  # the same dtype's add_ just before the op: its pair
+                    c0, t0 = time.process_time(), time.perf_counter()
+                    ops[base][0]()
+                    ta, ca = time.perf_counter() - t0, time.process_time() - c0
                 c0, t0 = time.process_time(), time.perf_counter()
                 fn()
                 t, c = time.perf_counter() - t0, time.process_time() - c0
                 if rnd > 0:
                     times[name].append(t)
                     cpu_times[name].append(c)
-            if rnd > 0:
-                add_in_round.append(times["add_"][-1])
-                add_cpu_in_round.append(cpu_times["add_"][-1])
+                    if name != base:
+                        pair_add[name].append(ta)
+                        pair_add_cpu[name].append(ca)
             for name, (fn, path) in ov_ops.items():
                 use(path)
                 us = _call_overhead_us(fn, OVERHEAD_CALLS if rnd > 0 else 200)
@@ -315,23 +356,31 @@ def main(argv=None) -> int:
     command = "python benchmarks/bench_kernels_cpu.py " + " ".join(
         sys.argv[1:] if argv is None else argv)
     rows = []
-    for name, (_fn, _rounds, k, path) in ops.items():
+    for name, (_fn, _rounds, k, path, dname) in ops.items():
         ts = times[name]
         med = statistics.median(ts)
-        # Pair each timing with the add_ of the same round, so slow drift cancels in the ratio.
+        if name == add_names[dname]:
+            add_in_round, add_cpu_in_round = ts, cpu_times[name]
+        else:
+            add_in_round, add_cpu_in_round = pair_add[name], pair_add_cpu[name]
+        # Pair each timing with the add_ of its dtype timed just before it in the same round, so
+        # slow drift and the state the previous op leaves (caches, clocks) cancel in the ratio.
         ratio = statistics.median(t / a for t, a in zip(ts, add_in_round))
         op = name.split(" ")[0]
         # The same ratio in CPU time of this process (all its threads): time slices lost to other
         # processes on a loaded machine do not count, so it tracks the idle-machine ratio better.
         cpu_ratio = statistics.median(t / a for t, a in zip(cpu_times[name], add_cpu_in_round)
                                       if a > 0)
-        fig = {"median_s": med, "times": ts, "gbps": bytes_moved / med / 1e9,
+        moved = 2 * n * torch.empty((), dtype=DTYPES[dname]).element_size()
+        fig = {"median_s": med, "times": ts, "gbps": moved / med / 1e9,
                "ratio_to_add": ratio, "bw_fraction_of_add": 1.0 / ratio,
                "cpu_time_ratio_to_add": cpu_ratio, "cpu_times": cpu_times[name],
                "ns_per_elem_per_seed": med / (n * k) * 1e9}
         target = None
-        bad = bool(mismatch.get(path)) if op in ("perturb_", "apply_seeds_") else False
-        if op == "perturb_" and k == 1 and not name.startswith("perturb_ x") and path in TARGET_PATHS:
+        bad = bool(mismatch.get((path, dname))) if op in ("perturb_", "apply_seeds_") else False
+        if dname != args.dtype:
+            pass  # half-dtype rows: no target (issue 11's targets are on float32)
+        elif op == "perturb_" and k == 1 and not name.startswith("perturb_ x") and path in TARGET_PATHS:
             target = {"figure": "bw_fraction_of_add", "cmp": ">=", "value": PERTURB_MIN_BW_FRACTION,
                       "text": f"GB/s >= {PERTURB_MIN_BW_FRACTION} x add_"}
             fig["meets_target"] = fig["bw_fraction_of_add"] >= PERTURB_MIN_BW_FRACTION and not bad
@@ -342,7 +391,7 @@ def main(argv=None) -> int:
         fig["target"] = target
         if op == "add_":
             fig.pop("ns_per_elem_per_seed")
-        cfg = {"op": op, "label": name, "n": n, "K": k, "dtype": args.dtype,
+        cfg = {"op": op, "label": name, "n": n, "K": k, "dtype": dname,
                "backend": "torch" if op in ("add_", "mezo_replay") else be, "threads": threads,
                "cpu_path": path, "cpu_isa": isa_of.get(path),
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
@@ -350,7 +399,7 @@ def main(argv=None) -> int:
             cfg["dist"] = name.split(" ")[1]
         rows.append({"config": cfg, "figures": fig,
                      "verified_against_reference": (None if op in ("add_", "mezo_replay")
-                                                    else not mismatch.get(path)),
+                                                    else not mismatch.get((path, dname))),
                      "conditions": load, "command": command})
     for name, (_fn, path) in ov_ops.items():
         ts = times[name]

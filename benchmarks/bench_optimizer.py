@@ -2,17 +2,23 @@
 
 A ZO step with S samples runs 2S forwards of one batch; everything else (2S+1 passes over the
 weights with regenerated noise, Python bookkeeping) is overhead. For each model and S in (1, 4)
-the benchmark times, interleaved in every repeat so that drift on a shared machine hits all three
-alike:
+the benchmark times, in every repeat:
 
 - ``2S forwards``: the closure (forward + loss) called 2S times under ``torch.no_grad()``;
-- ``ZOOptimizer.step``: one step with the same closure (backend chosen automatically);
+- ``ZOOptimizer.step``: one step with the same closure, once per CPU path;
+- the step's ``2S+1 kernel passes`` alone (the same K per pass, no forward between them), per path;
+- ``add_`` over all parameters (the machine's own memory-bound limit);
 - ``MeZO-style step``: the same SPSA step written as MeZO does (torch RNG re-seeded per pass,
   Gaussian noise materialized per parameter, 4 passes per sample; ``mem_optimizer.mezo_step``);
 
-and reports medians, the overhead ``step / 2S forwards - 1``, the ratio ``MeZO / step``, and the
-time per weight pass ``(step - 2S forwards) / (2S + 1)`` beside one ``add_`` over all parameters
-(the machine's own memory-bound limit, measured in the same run).
+as ``F C1 F C2 F ... Cn F``: the 2S forwards run before and after every other config, and the
+configs' order rotates each repeat. **The overhead** (the verdict) is, per repeat, the step's time
+over the mean of the two forwards beside it, minus 1, median over repeats: on a VM whose forwards
+drift by +-20% within a run, the step and its reference are measured seconds apart, so the drift
+cancels. The same paired ratio gives the passes' share (``overhead_of_passes_alone``: the floor of an
+in-place step at this machine's memory speed) and the CPU-time overhead; ``overhead_of_medians``
+(median step / median forwards) is kept beside it. Also reported: the ratio ``MeZO / step`` and the
+time per weight pass ``(step - 2S forwards) / (2S + 1)`` beside one ``add_``.
 
 **Targets: overhead <= 10 %** for the conv net (``convnet``: 4 conv layers, 3x32x32 inputs, batch
 64, ~0.4M parameters), and for ``mlp50m`` (75.6M parameters, batch 32: so few activations per weight
@@ -40,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_time, write_rows  # noqa: E402
+from _common import write_rows  # noqa: E402
 from mem_optimizer import MODELS_SRC  # noqa: E402
 
 RESULTS_NAME = "optimizer_step_time"
@@ -87,35 +93,7 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
             _backends.set_cpu_path(path)
         opt.step(closure)
 
-    mezo_seeds = [[1000 * t + s for s in range(S)] for t in range(repeats + warmup)]
-    fns = {"forwards": lambda t: forwards()}
-    for path in paths:
-        fns[("zo_step", path)] = lambda t, path=path: zo_step(path)
-    if mezo:
-        fns["mezo_step"] = lambda t: mezo_step(params, closure, mezo_seeds[t], 1e-5, 1e-3)
-    prev = _backends.cpu_path()
-    times: dict = {k: [] for k in fns}
-    cpu: dict = {k: [] for k in fns}
-    load_start = os.getloadavg()[0]
-    try:
-        for t in range(warmup + repeats):
-            for k, fn in fns.items():
-                c0, t0 = time.process_time(), time.perf_counter()
-                fn(t)
-                dt, dc = time.perf_counter() - t0, time.process_time() - c0
-                if t >= warmup:
-                    times[k].append(dt)
-                    cpu[k].append(dc)
-    finally:
-        if prev is not None:
-            _backends.set_cpu_path(prev)
-    med = {k: statistics.median(v) for k, v in times.items()}
     flat = [p.detach() for p in params]
-
-    def add_all():
-        for p in flat:
-            p.add_(0.0)
-    add_s, _ = median_time(add_all, repeats=max(5, repeats), warmup=1)
     passes = 2 * S + 1
     # The step's own kernel passes alone, with no forward between them (the K of each pass: +eps z_0,
     # -2eps z_0, then restore z_i / perturb z_i+1 pairs, then restore + update over the S seeds;
@@ -123,32 +101,87 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
     # memory speed, beside add_ over the same weights.
     ks = [1, 1] + [2, 1] * (S - 1) + [S + 1]
 
-    def kernel_passes():
-        for j, k in enumerate(ks):
-            zo_kernels.apply_seeds_(flat, [77 + j + i for i in range(k)],
-                                    [(-1e-12) ** (i + 1) for i in range(k)])
-    pass_s = {}
-    for path in paths:
+    def kernel_passes(path):
         old_path = _backends.set_cpu_path(path) if path is not None else None
         try:
-            pass_s[path], _ = median_time(kernel_passes, repeats=max(5, repeats), warmup=1)
+            for j, k in enumerate(ks):
+                zo_kernels.apply_seeds_(flat, [77 + j + i for i in range(k)],
+                                        [(-1e-12) ** (i + 1) for i in range(k)])
         finally:
             if path is not None:
                 _backends.set_cpu_path(old_path)
+
+    def add_all():
+        for p in flat:
+            p.add_(0.0)
+
+    mezo_seeds = [[1000 * t + s for s in range(S)] for t in range(repeats + warmup)]
+    fns = {}
+    for path in paths:
+        fns[("zo_step", path)] = lambda t, path=path: zo_step(path)
+        fns[("passes", path)] = lambda t, path=path: kernel_passes(path)
+    fns["add_all"] = lambda t: add_all()
+    if mezo:
+        fns["mezo_step"] = lambda t: mezo_step(params, closure, mezo_seeds[t], 1e-5, 1e-3)
+    prev = _backends.cpu_path()
+    keys = list(fns)
+    times: dict = {k: [] for k in ["forwards", *keys]}
+    cpu: dict = {k: [] for k in ["forwards", *keys]}
+    # Per timed config, the mean of the 2S forwards run just before and just after it: the step and
+    # its reference are measured seconds apart, so the VM's drift (its forwards vary by +-20% within
+    # a run) cancels in the ratio.
+    fwd_pair: dict = {k: [] for k in keys}
+    fwd_pair_cpu: dict = {k: [] for k in keys}
+    load_start = os.getloadavg()[0]
+
+    def timed(fn, t):
+        c0, t0 = time.process_time(), time.perf_counter()
+        fn(t)
+        return time.perf_counter() - t0, time.process_time() - c0
+    try:
+        for t in range(warmup + repeats):
+            # F C1 F C2 F ... Cn F, the configs rotated each repeat so none always follows another.
+            order = keys[t % len(keys):] + keys[:t % len(keys)]
+            f_prev = timed(lambda t: forwards(), t)
+            fw = [f_prev]
+            for k in order:
+                dt, dc = timed(fns[k], t)
+                f_next = timed(lambda t: forwards(), t)
+                fw.append(f_next)
+                if t >= warmup:
+                    times[k].append(dt)
+                    cpu[k].append(dc)
+                    fwd_pair[k].append(0.5 * (f_prev[0] + f_next[0]))
+                    fwd_pair_cpu[k].append(0.5 * (f_prev[1] + f_next[1]))
+                f_prev = f_next
+            if t >= warmup:
+                times["forwards"].extend(f[0] for f in fw)
+                cpu["forwards"].extend(f[1] for f in fw)
+    finally:
+        if prev is not None:
+            _backends.set_cpu_path(prev)
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    def paired(k, base=None):
+        """Median over repeats of config k's time over its adjacent forwards' (CPU time: cpu)."""
+        src, ref = (times, fwd_pair) if base is None else (cpu, fwd_pair_cpu)
+        return statistics.median(a / f for a, f in zip(src[k], ref[k]))
+    add_s = med["add_all"]
+    pass_s = {path: med[("passes", path)] for path in paths}
     backend = "cpu" if zo_kernels.backends()["cpu"]["usable"] else "reference"
     target = target_for(model_name, S)
     rows = []
     for path in paths:
         zs = med[("zo_step", path)]
         per_pass = (zs - med["forwards"]) / passes
-        overhead = zs / med["forwards"] - 1.0
-        # Per repeat: this repeat's step over this repeat's forwards (drift cancels), median.
-        ratio = statistics.median(a / f - 1.0 for a, f in zip(times[("zo_step", path)],
-                                                               times["forwards"]))
-        # The same in CPU time of the process (all threads): not inflated by time slices other
-        # processes take on a loaded machine.
-        cpu_overhead = statistics.median(cpu[("zo_step", path)]) / statistics.median(
-            cpu["forwards"]) - 1.0
+        # The verdict: per repeat, the step over the 2S forwards run just before and after it
+        # (drift cancels), median over repeats.
+        overhead = paired(("zo_step", path)) - 1.0
+        # Medians of all steps over all forwards of the run (drift does not cancel).
+        overhead_of_medians = zs / med["forwards"] - 1.0
+        # The same paired ratio in CPU time of the process (all threads): not inflated by time
+        # slices other processes take on a loaded machine.
+        cpu_overhead = paired(("zo_step", path), base="cpu") - 1.0
         isa = None
         if path is not None:
             old = _backends.set_cpu_path(path)
@@ -164,20 +197,21 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
                            "load_avg_1min_end": os.getloadavg()[0]},
             "figures": {"forwards_2S_s": med["forwards"], "zo_step_s": zs,
                         "mezo_step_s": med.get("mezo_step"), "overhead": overhead,
-                        "overhead_per_repeat_median": ratio,
+                        "overhead_of_medians": overhead_of_medians,
                         "overhead_cpu_time": cpu_overhead,
                         "mezo_over_zo": med["mezo_step"] / zs if "mezo_step" in med else None,
                         "weight_pass_s": per_pass, "add_all_s": add_s,
                         "weight_pass_over_add": per_pass / add_s if add_s > 0 else None,
                         "kernel_passes_s": pass_s[path], "kernel_pass_ks": ks,
                         "kernel_passes_over_add": pass_s[path] / (passes * add_s) if add_s > 0 else None,
-                        "overhead_of_passes_alone": pass_s[path] / med["forwards"],
-                        "cpu_times": {("zo_step" if isinstance(k, tuple) else k): v
+                        "overhead_of_passes_alone": paired(("passes", path)),
+                        "cpu_times": {(k[0] if isinstance(k, tuple) else k): v
                                       for k, v in cpu.items()
                                       if not isinstance(k, tuple) or k[1] == path},
-                        "times": {("zo_step" if isinstance(k, tuple) else k): v
+                        "times": {(k[0] if isinstance(k, tuple) else k): v
                                   for k, v in times.items()
                                   if not isinstance(k, tuple) or k[1] == path},
+                        "forwards_beside_step": fwd_pair[("zo_step", path)],
                         **({"target": {"text": f"overhead <= {target:.0%}", "overhead": target},
                             "meets_target": overhead <= target}
                            if target is not None else {})}})
@@ -189,7 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default="convnet,mlp50m")
     ap.add_argument("--samples", default="1,4")
     ap.add_argument("--repeats", type=int, default=15, help="timed repeats (convnet)")
-    ap.add_argument("--repeats-large", type=int, default=5, help="timed repeats (mlp50m)")
+    ap.add_argument("--repeats-large", type=int, default=11, help="timed repeats (mlp50m)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cpu-paths", default="all",
                     help="comma-separated CPU paths to time the ZO step on (default: every path "

@@ -262,26 +262,34 @@ def _kernels_cpu_by_path(rows: list[dict]) -> str:
         return v
 
     headers = ["path", "perturb_ share of add_ GB/s (>= 0.9)", "K=8 x add_",
-               "K=64 x add_ (<= 8)", "K=64, CPU time", "us per call, 4 tensors (< 15)"]
+               "K=64 x add_ (<= 8)", "K=64, CPU time", "us per call, 4 tensors (< 15)",
+               "perturb_ bf16 x add_ bf16", "perturb_ fp16 x add_ fp16"]
     cells = []
     for p in paths:
         pert = get(p, lambda r: lookup(r, "config.label") == f"perturb_ [{p}]")
         k8 = get(p, lambda r: lookup(r, "config.op") == "apply_seeds_" and lookup(r, "config.K") == 8)
         k64 = get(p, lambda r: lookup(r, "config.op") == "apply_seeds_" and lookup(r, "config.K") == 64)
         ov = get(p, lambda r: lookup(r, "config.label") == f"call overhead [{p}]")
+        pbf = get(p, lambda r: lookup(r, "config.label") == f"perturb_ bfloat16 [{p}]")
+        pfp = get(p, lambda r: lookup(r, "config.label") == f"perturb_ float16 [{p}]")
         cells.append([p, cell(pert, "figures.bw_fraction_of_add", "{:.2f}"),
                       cell(k8, "figures.ratio_to_add", "{:.2f}", False),
                       cell(k64, "figures.ratio_to_add", "{:.2f}"),
                       cell(k64, "figures.cpu_time_ratio_to_add", "{:.2f}", False),
-                      cell(ov, "figures.us_per_call", "{:.1f}")])
+                      cell(ov, "figures.us_per_call", "{:.1f}"),
+                      cell(pbf, "figures.ratio_to_add", "{:.2f}", False),
+                      cell(pfp, "figures.ratio_to_add", "{:.2f}", False)])
     torch_add = _find(rows, "torch add_ x4")
     general = next((r for r in rows if "general path" in str(lookup(r, "config.label"))), None)
     parts = [provenance(rows), "", markdown_table(headers, cells), ""]
     line = ("Ratios: median over interleaved rounds of the op's time over an in-place `add_` on the "
-            "same 100M-element float32 tensor, every path in one process; `CPU time`: the same "
+            "same 100M-element float32 tensor timed just before it, every path in one process; "
+            "`CPU time`: the same "
             "ratio in CPU time of the process, which time slices taken by other processes on a "
             "loaded machine do not inflate. Targets (issue 11) apply to the avx512 and avx2 paths "
-            "(on wall time); the portable path has the call-overhead target only.")
+            "(on wall time); the portable path has the call-overhead target only. The bf16 and "
+            "fp16 columns: `perturb_` on a 100M-element tensor of that dtype over an `add_` on "
+            "the same tensor, same rounds (no target).")
     if torch_add:
         line += f" Four torch `add_` calls on the same small tensors: {torch_add['figures']['us_per_call']:.1f} us"
         if general:
@@ -292,9 +300,12 @@ def _kernels_cpu_by_path(rows: list[dict]) -> str:
     loads = [lookup(r, "conditions.load_avg_1min_start") for r in rows]
     loads = [x for x in loads if isinstance(x, (int, float))]
     if loads:
+        cores = (rows[0].get('machine') or {}).get('cpu_count')
+        busy = isinstance(cores, int) and max(loads) >= 0.75 * cores
         parts += ["", f"1-minute load average when the run started: {max(loads):.1f} on "
-                      f"{(rows[0].get('machine') or {}).get('cpu_count', '?')} cores: other "
-                      "processes had most of the machine, so every figure here is approximate."]
+                      f"{cores if cores else '?'} cores" + (
+                          ": other processes had most of the machine, so every figure here is "
+                          "approximate." if busy else ".")]
     parts += ["", "Every row, with GB/s and K = 1/16, in [benchmarks/README.md](benchmarks/README.md)."]
     return "\n".join(parts)
 
@@ -318,8 +329,12 @@ def _optimizer_memory_notes(rows: list[dict]) -> list[str]:
 
 
 def _optimizer_step_notes(rows: list[dict]) -> list[str]:
-    out = ["Medians over interleaved repeats. `overhead` = ZOOptimizer.step time / time of the "
-           "2S plain forwards it must run, minus 1 (the cost of the 2S+1 weight passes)."]
+    out = ["`overhead` = ZOOptimizer.step time / time of the 2S plain forwards it must run, minus 1 "
+           "(the cost of the 2S+1 weight passes); each step is paired with the mean of the 2S "
+           "forwards timed just before and just after it, and the ratio is the median over "
+           "repeats (the VM's drift cancels). `passes alone`: the step's 2S+1 kernel passes "
+           "timed without forwards, paired the same way: the floor of an in-place step. "
+           "`2S forwards ms` and `ZO step ms` are plain medians."]
     # the memory floor: an in-place step must read and write every weight 2S+1 times; the step's
     # kernel passes timed alone (no forward between them) are what those passes cost here
     for r in rows:
@@ -330,7 +345,9 @@ def _optimizer_step_notes(rows: list[dict]) -> list[str]:
                    f"(K = {f['kernel_pass_ks']}) take {1e3 * f['kernel_passes_s']:.1f} ms = "
                    f"{f['kernel_passes_over_add']:.2f}x as many add_ passes over the weights, i.e. "
                    f"{f['overhead_of_passes_alone']:.1%} of the 2S forwards: the overhead's floor "
-                   "at this machine's memory speed.")
+                   "on this path" + (" (memory-bound: within 10% of add_)."
+                                     if f['kernel_passes_over_add'] <= 1.10 else
+                                     " (its passes are compute-bound here: slower than add_)."))
     return out
 
 
@@ -437,6 +454,7 @@ FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
         Col("2S forwards ms", "figures.forwards_2S_s", ms),
         Col("ZO step ms", "figures.zo_step_s", ms), Col("overhead", "figures.overhead", "{:.1%}"),
         Col("overhead, CPU time", "figures.overhead_cpu_time", "{:.1%}"),
+        Col("passes alone", "figures.overhead_of_passes_alone", "{:.1%}"),
         Col("MeZO step ms", "figures.mezo_step_s", ms),
         Col("MeZO / ZO", "figures.mezo_over_zo", "{:.2f}"), TARGET, RESULT],
         notes=_optimizer_step_notes),
