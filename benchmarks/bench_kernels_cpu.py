@@ -1,13 +1,16 @@
 """CPU throughput of the fused noise kernels beside the machine's own memory-bandwidth limit, on
 every CPU path of the C++ backend this machine runs (avx512, avx2, portable), side by side.
 
-Everything runs in ONE process on ONE tensor (default: 100M float32 = 400 MB), and the timed ops are
-interleaved round by round (add_, then per CPU path perturb_ and apply_seeds_ K=1/8/16/64, then 64
-sequential perturb_ calls and the MeZO-style replay, then the next round), so the drift of a shared
-machine hits every op alike. Every op is paired with an ``add_`` on the same tensor timed just
-before it in the same round (so the state the previous op leaves, caches and clocks, hits both
-alike); ratios are the median over rounds of (op time / that add_'s time); ``cpu_time_ratio_to_add`` is the same ratio in CPU time of the process (all threads), which
-time slices lost to other processes on a loaded machine do not inflate. Each row names its CPU path (``config.cpu_path``) and ``zo_kernels._C.cpu_isa()`` for it.
+Everything runs in ONE process on ONE float32 tensor (default: 100M = 400 MB; the half-dtype rows
+use one tensor per half dtype), and the timed ops are interleaved round by round (add_, then per CPU
+path perturb_ and apply_seeds_ K=1/8/16/64, then 64 sequential perturb_ calls and the MeZO-style
+replay, then per half dtype its add_, perturb_ and K=8 per path, then the call-overhead timings, then
+the next round), so the drift of a shared machine hits every op alike. Every op is paired with an
+``add_`` on the same tensor timed just before it in the same round (so the state the previous op
+leaves, caches and clocks, hits both alike); ratios are the median over rounds of (op time / that
+add_'s time); ``cpu_time_ratio_to_add`` is the same ratio in CPU time of the process (all threads),
+which time slices lost to other processes on a loaded machine do not inflate. Each row names its CPU
+path (``config.cpu_path``) and ``zo_kernels._C.cpu_isa()`` for it.
 
 Ops (tensor ``x`` of ``n`` elements, ``e`` bytes per element):
 
@@ -237,19 +240,21 @@ def main(argv=None) -> int:
     be = args.backend
     seed1, coef1 = seeds_and_coeffs(1)
 
-    # name -> (callable, rounds to time it in, K, path); callables alternate signs to keep x bounded.
-    flip = {"s": 1}
+    # Signs alternate from call to call to keep x bounded: one alternation for the ops, one for the
+    # add_ baselines (each op is paired with an add_, so one shared alternation would give every
+    # add_ the same sign).
+    flip = {"s": 1, "a": 1}
 
-    def nxt() -> int:
-        flip["s"] = -flip["s"]
-        return flip["s"]
+    def nxt(key: str = "s") -> int:
+        flip[key] = -flip[key]
+        return flip[key]
 
     def tag(path):
         return f" [{path}]" if path is not None else ""
 
     # name -> (callable, rounds, K, path, dtype name); each timing is paired with the add_ of its
     # own dtype in the same round.
-    ops: dict[str, tuple] = {"add_": (lambda: x.add_(1.0 if nxt() > 0 else -1.0), args.repeats, 1,
+    ops: dict[str, tuple] = {"add_": (lambda: x.add_(1.0 if nxt("a") > 0 else -1.0), args.repeats, 1,
                                       None, args.dtype)}
     for path in paths:
         def run_perturb(path=path):
@@ -284,7 +289,7 @@ def main(argv=None) -> int:
     xh = {h: torch.ones(n, dtype=DTYPES[h]) for h in halves}
     s8, c8 = seeds_and_coeffs(8)
     for h in halves:
-        ops[f"add_ {h}"] = (lambda h=h: xh[h].add_(1.0 if nxt() > 0 else -1.0), args.repeats, 1,
+        ops[f"add_ {h}"] = (lambda h=h: xh[h].add_(1.0 if nxt("a") > 0 else -1.0), args.repeats, 1,
                             None, h)
         for path in paths:
             def run_perturb_h(path=path, h=h):
@@ -293,7 +298,8 @@ def main(argv=None) -> int:
 
             def run_k8_h(path=path, h=h):
                 use(path)
-                zo_kernels.apply_seeds_([xh[h]], s8, [nxt() * c for c in c8], backend=be)
+                sgn = nxt()
+                zo_kernels.apply_seeds_([xh[h]], s8, [sgn * c for c in c8], backend=be)
             ops[f"perturb_ {h}" + tag(path)] = (run_perturb_h, args.repeats, 1, path, h)
             ops[f"apply_seeds_ K=8 {h}" + tag(path)] = (run_k8_h, args.repeats, 8, path, h)
 

@@ -17,7 +17,7 @@ over the mean of the two forwards beside it, minus 1, median over repeats: on a 
 drift by +-20% within a run, the step and its reference are measured seconds apart, so the drift
 cancels. The same paired ratio gives the passes' share (``overhead_of_passes_alone``: the floor of an
 in-place step at this machine's memory speed) and the CPU-time overhead; ``overhead_of_medians``
-(median step / median forwards) is kept beside it. Also reported: the ratio ``MeZO / step`` and the
+(median step / median forwards - 1) is kept beside it. Also reported: the ratio ``MeZO / step`` and the
 time per weight pass ``(step - 2S forwards) / (2S + 1)`` beside one ``add_``.
 
 **Targets: overhead <= 10 %** for the conv net (``convnet``: 4 conv layers, 3x32x32 inputs, batch
@@ -32,7 +32,7 @@ depend on the path; it is timed once per config.
 
 Writes ``benchmarks/results/optimizer_step_time.json`` (``--no-write`` to skip). Usage::
 
-    python benchmarks/bench_optimizer.py                       # ~4 min on 2 cores, every path
+    python benchmarks/bench_optimizer.py                       # ~9 min on 2 cores, every path
     python benchmarks/bench_optimizer.py --models convnet --repeats 5 --no-write
     python benchmarks/bench_optimizer.py --cpu-paths avx2      # one path
 """
@@ -140,7 +140,8 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
         return time.perf_counter() - t0, time.process_time() - c0
     try:
         for t in range(warmup + repeats):
-            # F C1 F C2 F ... Cn F, the configs rotated each repeat so none always follows another.
+            # F C1 F C2 F ... Cn F; the configs' order rotates each repeat, so each config is timed
+            # at every position of the round (first, last, after the MeZO step, ...).
             order = keys[t % len(keys):] + keys[:t % len(keys)]
             f_prev = timed(lambda t: forwards(), t)
             fw = [f_prev]
@@ -162,9 +163,9 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
             _backends.set_cpu_path(prev)
     med = {k: statistics.median(v) for k, v in times.items()}
 
-    def paired(k, base=None):
-        """Median over repeats of config k's time over its adjacent forwards' (CPU time: cpu)."""
-        src, ref = (times, fwd_pair) if base is None else (cpu, fwd_pair_cpu)
+    def paired(k, cpu_time=False):
+        """Median over repeats of config k's time over its adjacent forwards' (wall or CPU time)."""
+        src, ref = (cpu, fwd_pair_cpu) if cpu_time else (times, fwd_pair)
         return statistics.median(a / f for a, f in zip(src[k], ref[k]))
     add_s = med["add_all"]
     pass_s = {path: med[("passes", path)] for path in paths}
@@ -181,7 +182,7 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
         overhead_of_medians = zs / med["forwards"] - 1.0
         # The same paired ratio in CPU time of the process (all threads): not inflated by time
         # slices other processes take on a loaded machine.
-        cpu_overhead = paired(("zo_step", path), base="cpu") - 1.0
+        cpu_overhead = paired(("zo_step", path), cpu_time=True) - 1.0
         isa = None
         if path is not None:
             old = _backends.set_cpu_path(path)

@@ -267,8 +267,8 @@ def _kernels_cpu_by_path(rows: list[dict]) -> str:
     cells = []
     for p in paths:
         pert = get(p, lambda r: lookup(r, "config.label") == f"perturb_ [{p}]")
-        k8 = get(p, lambda r: lookup(r, "config.op") == "apply_seeds_" and lookup(r, "config.K") == 8)
-        k64 = get(p, lambda r: lookup(r, "config.op") == "apply_seeds_" and lookup(r, "config.K") == 64)
+        k8 = get(p, lambda r: lookup(r, "config.label") == f"apply_seeds_ K=8 [{p}]")
+        k64 = get(p, lambda r: lookup(r, "config.label") == f"apply_seeds_ K=64 [{p}]")
         ov = get(p, lambda r: lookup(r, "config.label") == f"call overhead [{p}]")
         pbf = get(p, lambda r: lookup(r, "config.label") == f"perturb_ bfloat16 [{p}]")
         pfp = get(p, lambda r: lookup(r, "config.label") == f"perturb_ float16 [{p}]")
@@ -282,14 +282,16 @@ def _kernels_cpu_by_path(rows: list[dict]) -> str:
     torch_add = _find(rows, "torch add_ x4")
     general = next((r for r in rows if "general path" in str(lookup(r, "config.label"))), None)
     parts = [provenance(rows), "", markdown_table(headers, cells), ""]
+    n = lookup(rows[0], "config.n")
+    size = f"{n / 1e6:g}M-element" if isinstance(n, int) else "same"
     line = ("Ratios: median over interleaved rounds of the op's time over an in-place `add_` on the "
-            "same 100M-element float32 tensor timed just before it, every path in one process; "
+            f"same {size} float32 tensor timed just before it, every path in one process; "
             "`CPU time`: the same "
             "ratio in CPU time of the process, which time slices taken by other processes on a "
             "loaded machine do not inflate. Targets (issue 11) apply to the avx512 and avx2 paths "
             "(on wall time); the portable path has the call-overhead target only. The bf16 and "
-            "fp16 columns: `perturb_` on a 100M-element tensor of that dtype over an `add_` on "
-            "the same tensor, same rounds (no target).")
+            "fp16 columns: `perturb_` on a tensor of that dtype (as many elements) over an `add_` "
+            "on the same tensor timed just before it (no target).")
     if torch_add:
         line += f" Four torch `add_` calls on the same small tensors: {torch_add['figures']['us_per_call']:.1f} us"
         if general:
@@ -342,12 +344,13 @@ def _optimizer_step_notes(rows: list[dict]) -> list[str]:
         if not isinstance(f.get("kernel_passes_s"), (int, float)) or c.get("model") != "mlp50m":
             continue
         out.append(f"{c['label']}: the step's {2 * c['num_samples'] + 1} kernel passes alone "
-                   f"(K = {f['kernel_pass_ks']}) take {1e3 * f['kernel_passes_s']:.1f} ms = "
-                   f"{f['kernel_passes_over_add']:.2f}x as many add_ passes over the weights, i.e. "
-                   f"{f['overhead_of_passes_alone']:.1%} of the 2S forwards: the overhead's floor "
-                   "on this path" + (" (memory-bound: within 10% of add_)."
-                                     if f['kernel_passes_over_add'] <= 1.10 else
-                                     " (its passes are compute-bound here: slower than add_)."))
+                   f"(K = {f['kernel_pass_ks']}) take {1e3 * f['kernel_passes_s']:.1f} ms (median) = "
+                   f"{f['kernel_passes_over_add']:.2f}x as many add_ passes over the weights"
+                   + (" (memory-bound: within 10% of add_)" if f['kernel_passes_over_add'] <= 1.10
+                      else " (compute-bound on this path: slower than add_)")
+                   + f"; paired with the forwards timed beside them, {f['overhead_of_passes_alone']:.1%}"
+                   " of the 2S forwards: an estimate of the overhead's floor on this path (the "
+                   "step's overhead can land a little below it, both being medians of noisy ratios).")
     return out
 
 

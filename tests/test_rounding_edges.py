@@ -57,6 +57,9 @@ class Case:
     coeffs: list
     decay: float = 1.0
     offset: int = 0
+    #: the tensor's raw 16-bit patterns (half dtypes), when they must reach the kernel as they are
+    #: (a float32 -> half conversion would canonicalize NaNs); ``values`` holds them as float32
+    raw_bits: np.ndarray | None = None
 
 
 def _pow2(e: int) -> float:
@@ -79,6 +82,9 @@ def _subnormals(dtype, n: int, seed: int) -> np.ndarray:
     k = rng.integers(1, 2**m, n)
     sign = rng.choice([-1.0, 1.0], n)
     return (sign * k * _pow2(emin - m)).astype(np.float32)
+
+
+EVERY_VALUE = "every value"
 
 
 def build_cases() -> list[Case]:
@@ -128,14 +134,16 @@ def build_cases() -> list[Case]:
     for dt, np_view in ((torch.float16, np.float16), (torch.bfloat16, None)):
         bits = np.arange(65536, dtype=np.uint32)
         if np_view is not None:
-            v = bits.astype(np.uint16).view(np_view).astype(np.float32)
+            with np.errstate(invalid="ignore"):
+                v = bits.astype(np.uint16).view(np_view).astype(np.float32)
         else:
             v = (bits << 16).view(np.float32)
         tag = str(dt).split(".")[1]
         for K, cs, decay in ((1, [0.0], 1.0), (2, [_pow2(-12), 3.0], 1.0),
                              (3, [1e-4, -_pow2(-20), 0.5], 0.75)):
-            cases.append(Case(f"{tag} every value K={K} {cs} decay {decay}", dt, v.copy(),
-                              SEEDS8[3:3 + K], cs, decay, offset=17))
+            cases.append(Case(f"{tag} {EVERY_VALUE} K={K} {cs} decay {decay}", dt, v.copy(),
+                              SEEDS8[3:3 + K], cs, decay, offset=17,
+                              raw_bits=bits.astype(np.uint16)))
     # float32 subnormal arithmetic (the bf16 subnormal cases above rely on it too)
     cases.append(Case("float32 subnormals", torch.float32,
                       _subnormals(torch.float32, 256, 6), SEEDS8[:5],
@@ -193,7 +201,8 @@ def _ties(fp32: np.ndarray, dtype) -> np.ndarray:
 
 
 def _fp32_results(dtype):
-    return [(c, _fp32(c)) for c in CASES if c.dtype == dtype]
+    # the built edge cases only: the exhaustive ones would swamp the guard's counts
+    return [(c, _fp32(c)) for c in CASES if c.dtype == dtype and EVERY_VALUE not in c.name]
 
 
 def _fp32(case: Case) -> np.ndarray:
@@ -280,8 +289,26 @@ def restore_cpu_path():
         _backends.set_cpu_path(prev)
 
 
+def _input(case: Case, dev: str = "cpu") -> torch.Tensor:
+    if case.raw_bits is not None:
+        return torch.from_numpy(case.raw_bits.view(np.int16).copy()).view(case.dtype).to(dev)
+    return torch.from_numpy(case.values.copy()).to(case.dtype).to(dev)
+
+
+def test_guard_every_value_cases_hold_every_bit_pattern():
+    """The exhaustive cases give the kernel all 65,536 bit patterns of their dtype, NaNs with their
+    own sign and payload included (a float32 -> half conversion would have canonicalized them)."""
+    seen = set()
+    for case in CASES:
+        if EVERY_VALUE in case.name:
+            bits = _input(case).view(torch.int16).numpy().view(np.uint16)
+            assert np.array_equal(np.sort(bits), np.arange(65536, dtype=np.uint16)), case.name
+            seen.add(case.dtype)
+    assert seen == set(HALF_DTYPES)
+
+
 def _run_case(case: Case, backend: str, dev: str) -> torch.Tensor:
-    t = torch.from_numpy(case.values.copy()).to(case.dtype).to(dev)
+    t = _input(case, dev)
     zo_kernels.apply_seeds_([t], case.seeds, case.coeffs, decay=case.decay, backend=backend,
                             offset=case.offset)
     return t.cpu()

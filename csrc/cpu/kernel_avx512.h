@@ -179,8 +179,9 @@ ZO_AVX512 inline void block_counters(uint64_t b, __m512i& lo, __m512i& hi) {
 // j into the sign of -c_k), each group sum T_g = ((t_0 + t_1) + t_2) + t_3 computed (it is the table
 // entry's defining expression, so the bits are the table's), acc = 0 + T_0 (or T_0 when a
 // coefficient of group 0 is nonzero: then T_0 is never -0), acc = acc + T_1, x = x (* decay) + acc
-// (bfloat16 / float16 through the avx2 path's finalize8). Instantiated per (K, decay != 1, 0 + T_0
-// needed, float32) so that the loop has no branches. One thread,
+// (bfloat16 with even/odd accumulators, finalize32_bf16_avx512; float16 through the avx2 path's
+// finalize8). Instantiated per (K, decay != 1, 0 + T_0 needed, dtype) so that the loop has no
+// branches. One thread,
 // 32768 floats in L2: 0.064 ms per 1M elements at K = 2 (grouped loop: 0.155), 0.178 at K = 8
 // (grouped: 0.242).
 // (Measured on the Zen 5 machine, one thread, 100M floats, thread CPU time against a plain AVX-512
