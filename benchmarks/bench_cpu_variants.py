@@ -22,6 +22,11 @@ runs it ``--runs`` times in fresh processes and writes the median of each varian
   time and 4 interleaved; ``*_r2shared`` are the kernels' loops, which build rounds 1 and 2 from a
   per-block and a per-seed product shared across blocks and seeds.
 
+- ``kernel``: the kernel itself, ``zo_kernels.apply_seeds_`` with K = 64 on 20M float32 forced to
+  each x86 path, on 1 thread and on 2 threads (``--kernel-n``), in ns per 16 element-seeds per
+  thread (wall time x threads): beside the floor it shows whether the kernel runs at its loops'
+  speed, and how it scales to 2 threads on this machine.
+
 The summary line per path adds the fastest bit-exact grouped ``accumulate`` and the fastest
 ``philox`` (per 16 element-seeds) and scales it to ``apply_seeds_`` K = 64 on 100M float32 on 2
 threads, beside ``add_`` from ``benchmarks/results/kernels_cpu.json`` (same machine): the arithmetic
@@ -42,6 +47,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -66,9 +72,58 @@ def _add_ms() -> float | None:
     return None
 
 
+def _kernel_rows(n: int, repeats: int = 7) -> list[dict]:
+    """apply_seeds_ K = 64 on n float32 per x86 path, 1 and 2 threads: ns per 16 element-seeds per
+    thread (median wall time x threads)."""
+    try:
+        import torch
+
+        import zo_kernels
+        from zo_kernels import _backends
+    except ImportError:
+        return []
+    if _backends.cpu_extension() is None:
+        return []
+    seeds = [(0x9E3779B97F4A7C15 * (j + 1)) % (1 << 64) for j in range(64)]
+    coeffs = [1e-3 * (1 if j % 2 == 0 else -1) for j in range(64)]
+    x = torch.ones(n)
+    prev_path, prev_threads = _backends.cpu_path(), torch.get_num_threads()
+    rows = []
+    try:
+        for path in [p for p in ("avx512", "avx2") if p in _backends.cpu_paths()]:
+            _backends.set_cpu_path(path)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                # warm-up for at least 0.5 s: a new pool thread can start on the caller's CPU and be
+                # moved by the scheduler only later (a 2-thread run right after a 1-thread one measured
+                # 1.1-1.2x the 1-thread speed, then 1.9-2x once settled)
+                t_end = time.perf_counter() + 0.5
+                while time.perf_counter() < t_end:
+                    zo_kernels.apply_seeds_([x], seeds, coeffs)
+                ts = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    zo_kernels.apply_seeds_([x], seeds, coeffs)
+                    ts.append(time.perf_counter() - t0)
+                t = statistics.median(ts)
+                rows.append({"config": {"part": "kernel", "isa": path,
+                                        "variant": f"apply_seeds_ K=64, {threads} thread(s)",
+                                        "threads": threads, "n": n},
+                             "figures": {"ns_per_16_element_seeds": t * threads / (n * 64 / 16) * 1e9,
+                                         "median_s": t, "times": ts},
+                             "command": "python benchmarks/bench_cpu_variants.py"})
+    finally:
+        if prev_path is not None:
+            _backends.set_cpu_path(prev_path)
+        torch.set_num_threads(prev_threads)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="fresh processes; medians are reported")
+    ap.add_argument("--kernel-n", type=int, default=20_000_000,
+                    help="elements of the kernel rows (0: skip them)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     cxx = shutil.which("g++") or shutil.which("c++")
@@ -100,14 +155,18 @@ def main(argv=None) -> int:
         rows.append({"config": {"part": part, "isa": isa, "variant": variant, "threads": 1,
                                 "flags": " ".join(FLAGS)},
                      "figures": fig, "command": "python benchmarks/bench_cpu_variants.py"})
+    if args.kernel_n > 0:
+        rows += _kernel_rows(args.kernel_n)
     print(f"clock ~{ghz:.2f} GHz (calibrated), {len(runs)} runs, medians")
     for r in rows:
         f = r["figures"]
         ns = f.get("ns_per_16_element_seeds", f.get("ns_per_16_lanes"))
         unit = "ns/16 element-seeds" if "ns_per_16_element_seeds" in f else "ns/16 lanes"
+        if r["config"]["part"] == "kernel":
+            unit = "ns/16 element-seeds per thread"
         print(f"{r['config']['part']:<11}{r['config']['isa'] or '':<8}{r['config']['variant']:<34}"
               f"{ns:8.3f} {unit:<22}"
-              f"{'' if f['bit_exact'] else 'NOT BIT-EXACT'}")
+              f"{'' if f.get('bit_exact', True) else 'NOT BIT-EXACT'}")
     add_ms = _add_ms()
     for isa in ("avx512", "avx2"):
         acc = [r["figures"]["ns_per_16_element_seeds"] for r in rows
@@ -124,6 +183,11 @@ def main(argv=None) -> int:
         print(f"{isa}: fastest grouped accumulate {min(acc):.3f} + fastest Philox {min(phx):.3f} = "
               f"{per16:.3f} ns per 16 element-seeds per thread: K = 64 on 100M float32 on 2 threads "
               f">= {k64_ms:.0f} ms{tail}")
+        kern = {r["config"]["threads"]: r["figures"]["ns_per_16_element_seeds"] for r in rows
+                if r["config"]["part"] == "kernel" and r["config"]["isa"] == isa}
+        if kern.get(1) and kern.get(2):
+            print(f"{isa}: the kernel itself, 1 thread {kern[1]:.3f} ({kern[1] / per16:.2f}x the floor), "
+                  f"2 threads {kern[2]:.3f} per thread (2-thread speed-up {2 * kern[1] / kern[2]:.2f}x)")
     if not args.no_write:
         print(f"wrote {write_rows('cpu_variants', rows)}")
     return 0

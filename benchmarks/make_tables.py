@@ -397,7 +397,10 @@ def _cpu_variants_notes(rows: list[dict]) -> list[str]:
                 and isa_of(r) == isa
                 and (lookup(r, "figures.order") == "grouped"
                      or "grouped" in str(lookup(r, "config.variant"))) == grouped]
-    out = ["Single thread, data in L1, medians over fresh runs; `bit exact`: the variant's sums equal "
+    out = ["`kernel` rows: the kernel itself (`apply_seeds_` K = 64 on 20M float32, 1 and 2 "
+           "threads, after a 0.5 s warm-up), wall time x threads per 16 element-seeds: per thread, "
+           "beside the loops' floor below. Every other row: "
+           "single thread, data in L1, medians over fresh runs; `bit exact`: the variant's sums equal "
            "the first variant's bit for bit (accumulate, seed order), a scalar implementation of the "
            "grouped order (`grouped4_gfni_permps`, the avx512 kernel's loop; the `avx2_*` rows, the "
            "avx2 kernel's loops and the alternatives tried for them; `piece`: a transpose alone is "
