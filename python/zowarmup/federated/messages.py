@@ -127,6 +127,20 @@ def _check_end(buf: bytes, off: int, name: str) -> None:
         raise ValueError(f"{name}: {len(buf) - off} trailing bytes after the message")
 
 
+def _f32_block(values: np.ndarray) -> bytes:
+    """uint64 n + float32[n] (little-endian)."""
+    return struct.pack("<Q", values.size) + values.astype("<f4", copy=False).tobytes()
+
+
+def _read_f32_block(buf: bytes, off: int, what: str, name: str) -> tuple[np.ndarray, int]:
+    """Inverse of :func:`_f32_block` at ``off``: (float32 values, offset after them)."""
+    if len(buf) < off + 8:
+        raise ValueError(f"truncated {name} message")
+    (n,) = struct.unpack_from("<Q", buf, off)
+    vals, off = _array(buf, off + 8, "<f4", n, what)
+    return vals.astype(np.float32), off
+
+
 def _u64(seeds) -> np.ndarray:
     a = np.asarray([int(s) for s in seeds] if not isinstance(seeds, np.ndarray) else seeds,
                    dtype=np.uint64).reshape(-1)
@@ -137,8 +151,40 @@ def _f32(values) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(values, dtype=np.float32).reshape(-1))
 
 
+class _WeightedValuesCodec:
+    """The codec of a message holding (round, float32 values, num_samples, checksum): header +
+    ``_COUNTS`` (num_samples, count) + float32[count]. WEIGHTS, GRADS and STATS differ only in the
+    count's width (``_COUNTS``) and the name an error gives the array (``_WHAT``)."""
+
+    def to_bytes(self) -> bytes:
+        """Serialized form (header + num_samples + count, as ``_COUNTS``, + float32[count])."""
+        v = _f32(self.values)
+        return (_header(self.TYPE, self.round, self.checksum)
+                + struct.pack(self._COUNTS, self.num_samples, v.size)
+                + v.astype("<f4", copy=False).tobytes())
+
+    @classmethod
+    def from_bytes(cls, buf: bytes):
+        """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
+        _, rnd, ck, off = _read_header(buf, cls.TYPE)
+        size = struct.calcsize(cls._COUNTS)
+        if len(buf) < off + size:
+            raise ValueError(f"truncated {cls.TYPE.name} message")
+        ns, n = struct.unpack_from(cls._COUNTS, buf, off)
+        vals, off = _array(buf, off + size, "<f4", n, cls._WHAT)
+        _check_end(buf, off, cls.TYPE.name)
+        return cls(rnd, vals.astype(np.float32), ns, ck)
+
+
+class _WeightedValues(_WeightedValuesCodec):
+    """The same codec for messages whose values are made float32 when the message is built."""
+
+    def __post_init__(self):
+        self.values = _f32(self.values)
+
+
 @dataclass
-class WeightsMessage:
+class WeightsMessage(_WeightedValuesCodec):
     """Model state (float32, flattened in ``state_dict`` order), server -> client or client -> server.
 
     Attributes:
@@ -152,23 +198,8 @@ class WeightsMessage:
     num_samples: int = 0
     checksum: int | None = None
     TYPE = MsgType.WEIGHTS
-
-    def to_bytes(self) -> bytes:
-        """Serialized form (header + uint32 num_samples + uint64 n + float32[n])."""
-        v = _f32(self.values)
-        return (_header(self.TYPE, self.round, self.checksum) + struct.pack("<IQ", self.num_samples, v.size)
-                + v.astype("<f4", copy=False).tobytes())
-
-    @classmethod
-    def from_bytes(cls, buf: bytes) -> "WeightsMessage":
-        """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
-        _, rnd, ck, off = _read_header(buf, cls.TYPE)
-        if len(buf) < off + 12:
-            raise ValueError("truncated WEIGHTS message")
-        ns, n = struct.unpack_from("<IQ", buf, off)
-        vals, off = _array(buf, off + 12, "<f4", n, "weights")
-        _check_end(buf, off, "WEIGHTS")
-        return cls(rnd, vals.astype(np.float32), ns, ck)
+    _COUNTS = "<IQ"  # uint32 num_samples + uint64 n
+    _WHAT = "weights"
 
 
 @dataclass
@@ -215,33 +246,6 @@ class SeedsMessage:
         seeds, off = _array(buf, off + 6, "<u8", n, "seeds")
         _check_end(buf, off, "SEEDS")
         return cls(rnd, seeds.astype(np.uint64), steps, ck)
-
-
-class _WeightedValues:
-    """The codec of a message holding (round, float32 values, num_samples, checksum): header +
-    ``_COUNTS`` (num_samples, count) + float32[count]. GRADS and STATS differ only in the count's
-    width (``_COUNTS``) and the name an error gives the array (``_WHAT``)."""
-
-    def __post_init__(self):
-        self.values = _f32(self.values)
-
-    def to_bytes(self) -> bytes:
-        """Serialized form (header + num_samples + count, as ``_COUNTS``, + float32[count])."""
-        return (_header(self.TYPE, self.round, self.checksum)
-                + struct.pack(self._COUNTS, self.num_samples, self.values.size)
-                + self.values.astype("<f4", copy=False).tobytes())
-
-    @classmethod
-    def from_bytes(cls, buf: bytes):
-        """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
-        _, rnd, ck, off = _read_header(buf, cls.TYPE)
-        size = struct.calcsize(cls._COUNTS)
-        if len(buf) < off + size:
-            raise ValueError(f"truncated {cls.TYPE.name} message")
-        ns, n = struct.unpack_from(cls._COUNTS, buf, off)
-        vals, off = _array(buf, off + size, "<f4", n, cls._WHAT)
-        _check_end(buf, off, cls.TYPE.name)
-        return cls(rnd, vals.astype(np.float32), ns, ck)
 
 
 @dataclass
@@ -498,20 +502,19 @@ class SubModelTask:
 
     def to_bytes(self) -> bytes:
         """Serialized form (header + float32 rate + uint64 n + float32[n])."""
-        return (_header(self.TYPE, self.round, self.checksum)
-                + struct.pack("<fQ", float(self.rate), self.values.size)
-                + self.values.astype("<f4", copy=False).tobytes())
+        return (_header(self.TYPE, self.round, self.checksum) + struct.pack("<f", float(self.rate))
+                + _f32_block(self.values))
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "SubModelTask":
         """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
         _, rnd, ck, off = _read_header(buf, cls.TYPE)
-        if len(buf) < off + 12:
+        if len(buf) < off + 4:
             raise ValueError("truncated SUBMODEL message")
-        rate, n = struct.unpack_from("<fQ", buf, off)
-        vals, off = _array(buf, off + 12, "<f4", n, "sub-network parameters")
+        (rate,) = struct.unpack_from("<f", buf, off)
+        vals, off = _read_f32_block(buf, off + 4, "sub-network parameters", "SUBMODEL")
         _check_end(buf, off, "SUBMODEL")
-        return cls(rnd, float(rate), vals.astype(np.float32), ck)
+        return cls(rnd, float(rate), vals, ck)
 
 
 @dataclass
@@ -544,8 +547,7 @@ class SubModelUpdate:
         return (_header(self.TYPE, self.round, self.checksum)
                 + struct.pack("<IH", self.num_samples, k)
                 + np.packbits(self.labels, bitorder="little").tobytes()
-                + struct.pack("<Q", self.values.size)
-                + self.values.astype("<f4", copy=False).tobytes())
+                + _f32_block(self.values))
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "SubModelUpdate":
@@ -558,12 +560,9 @@ class SubModelUpdate:
         labels = np.unpackbits(bits, bitorder="little").astype(bool)
         if labels[k:].any():
             raise ValueError(f"SUBMODEL_UPDATE: label bits set past its {k} classes")
-        if len(buf) < off + 8:
-            raise ValueError("truncated SUBMODEL_UPDATE message")
-        (n,) = struct.unpack_from("<Q", buf, off)
-        vals, off = _array(buf, off + 8, "<f4", n, "sub-network parameters")
+        vals, off = _read_f32_block(buf, off, "sub-network parameters", "SUBMODEL_UPDATE")
         _check_end(buf, off, "SUBMODEL_UPDATE")
-        return cls(rnd, vals.astype(np.float32), labels[:k], ns, ck)
+        return cls(rnd, vals, labels[:k], ns, ck)
 
 
 @dataclass
@@ -586,19 +585,15 @@ class StatsRequest:
 
     def to_bytes(self) -> bytes:
         """Serialized form (header + uint64 n + float32[n])."""
-        return (_header(self.TYPE, self.round, self.checksum) + struct.pack("<Q", self.values.size)
-                + self.values.astype("<f4", copy=False).tobytes())
+        return _header(self.TYPE, self.round, self.checksum) + _f32_block(self.values)
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "StatsRequest":
         """Inverse of :meth:`to_bytes`; ValueError on a malformed buffer."""
         _, rnd, ck, off = _read_header(buf, cls.TYPE)
-        if len(buf) < off + 8:
-            raise ValueError("truncated STATS_REQUEST message")
-        (n,) = struct.unpack_from("<Q", buf, off)
-        vals, off = _array(buf, off + 8, "<f4", n, "state")
+        vals, off = _read_f32_block(buf, off, "state", "STATS_REQUEST")
         _check_end(buf, off, "STATS_REQUEST")
-        return cls(rnd, vals.astype(np.float32), ck)
+        return cls(rnd, vals, ck)
 
 
 @dataclass

@@ -285,13 +285,18 @@ def _check_samples(msg, expected: int | None, what: str) -> None:
                        f"{expected}")
 
 
+def _check_reply(msg, cls: type, round_idx: int, what: str, require_checksum: bool = False) -> None:
+    """What every client reply is checked for first: its class, its round, its checksum."""
+    if not isinstance(msg, cls):
+        raise Rejected(f"expected a {cls.__name__}, got {type(msg).__name__}")
+    _check_round(msg, round_idx, what)
+    check_checksum(msg, what, require_checksum)
+
+
 def check_weights_reply(msg, round_idx: int, limits: Limits, num_samples: int | None = None
                         ) -> WeightsMessage:
     """A client's phase-1 reply (its locally trained state)."""
-    if not isinstance(msg, WeightsMessage):
-        raise Rejected(f"expected a WeightsMessage, got {type(msg).__name__}")
-    _check_round(msg, round_idx, "WEIGHTS")
-    check_checksum(msg, "WEIGHTS")
+    _check_reply(msg, WeightsMessage, round_idx, "WEIGHTS")
     _check_array(msg.values, np.float32, "WEIGHTS values", limits.state_size)
     _check_values(msg.values, "WEIGHTS values")
     _check_samples(msg, num_samples, "WEIGHTS")
@@ -302,10 +307,7 @@ def check_grads_reply(msg, round_idx: int, task: SeedsMessage, limits: Limits,
                       num_samples: int | None = None, require_checksum: bool = False
                       ) -> GradsMessage:
     """A client's ZO reply to ``task``: one finite projected gradient per seed."""
-    if not isinstance(msg, GradsMessage):
-        raise Rejected(f"expected a GradsMessage, got {type(msg).__name__}")
-    _check_round(msg, round_idx, "GRADS")
-    check_checksum(msg, "GRADS", require_checksum)
+    _check_reply(msg, GradsMessage, round_idx, "GRADS", require_checksum)
     _check_array(msg.values, np.float32, "GRADS values", int(task.seeds.size))
     _check_values(msg.values, "GRADS values")
     _check_samples(msg, num_samples, "GRADS")
@@ -316,10 +318,7 @@ def check_kseed_reply(msg, round_idx: int, limits: Limits, num_samples: int | No
                       require_checksum: bool = False) -> KSeedUpdate:
     """A client's FedKSeed reply: pool indices in range, strictly increasing, finite values
     (and, in deployments, the checksum of the state it probed)."""
-    if not isinstance(msg, KSeedUpdate):
-        raise Rejected(f"expected a KSeedUpdate, got {type(msg).__name__}")
-    _check_round(msg, round_idx, "KSEED_UPDATE")
-    check_checksum(msg, "KSEED_UPDATE", require_checksum)
+    _check_reply(msg, KSeedUpdate, round_idx, "KSEED_UPDATE", require_checksum)
     idx = _check_array(msg.indices, np.uint32, "KSEED_UPDATE indices")
     _check_array(msg.values, np.float32, "KSEED_UPDATE values", idx.size)
     if idx.size > limits.kseed_steps:
@@ -339,10 +338,7 @@ def check_submodel_reply(msg, round_idx: int, task: SubModelTask, limits: Limits
                          num_samples: int | None = None) -> SubModelUpdate:
     """A client's HeteroFL reply to ``task``: the trained sub-network (the task's parameter count,
     finite) and its classes (a mask of the run's K, at least one class held)."""
-    if not isinstance(msg, SubModelUpdate):
-        raise Rejected(f"expected a SubModelUpdate, got {type(msg).__name__}")
-    _check_round(msg, round_idx, "SUBMODEL_UPDATE")
-    check_checksum(msg, "SUBMODEL_UPDATE")
+    _check_reply(msg, SubModelUpdate, round_idx, "SUBMODEL_UPDATE")
     _check_array(msg.values, np.float32, "SUBMODEL_UPDATE values", int(task.values.size))
     _check_values(msg.values, "SUBMODEL_UPDATE values")
     lab = _check_array(msg.labels, np.bool_, "SUBMODEL_UPDATE labels", limits.num_classes)
@@ -355,10 +351,7 @@ def check_submodel_reply(msg, round_idx: int, task: SubModelTask, limits: Limits
 def check_stats_reply(msg, round_idx: int, limits: Limits, num_samples: int | None = None
                       ) -> StatsMessage:
     """A client's BatchNorm statistics: one finite value per statistic of the model."""
-    if not isinstance(msg, StatsMessage):
-        raise Rejected(f"expected a StatsMessage, got {type(msg).__name__}")
-    _check_round(msg, round_idx, "STATS")
-    check_checksum(msg, "STATS")
+    _check_reply(msg, StatsMessage, round_idx, "STATS")
     _check_array(msg.values, np.float32, "STATS values", limits.stats_size)
     _check_values(msg.values, "STATS values")
     _check_samples(msg, num_samples, "STATS")
@@ -367,10 +360,7 @@ def check_stats_reply(msg, round_idx: int, limits: Limits, num_samples: int | No
 
 def check_status(msg, round_idx: int) -> StatusMessage:
     """A client's status reply."""
-    if not isinstance(msg, StatusMessage):
-        raise Rejected(f"expected a StatusMessage, got {type(msg).__name__}")
-    _check_round(msg, round_idx, "STATUS")
-    check_checksum(msg, "STATUS")
+    _check_reply(msg, StatusMessage, round_idx, "STATUS")
     if not _is_int(msg.code) or int(msg.code) not in {int(s) for s in Status}:
         raise Rejected(f"STATUS: unknown code {msg.code!r}")
     if not _is_int(msg.version) or not -1 <= int(msg.version) <= 2 ** 32:
