@@ -122,3 +122,46 @@ def test_spsa_estimate_undoes_the_perturbation_when_the_closure_raises():
     # the weights were at w + c z - 2 c z; undoing adds c z back: equal to before up to rounding
     torch.testing.assert_close(_flat(m), before, rtol=0, atol=1e-6)
     assert (_flat(m) - calls[1]).abs().max() > 1e-3
+
+
+def test_final_pass_merges_the_restore_into_the_last_seeds_term():
+    """The restore of z(last) and the update's term of z(last) are one term (float64 sum): the
+    final pass sums S noise terms; the other seeds keep their order and coefficients."""
+    assert F.final_pass(9, 0.5, [3, 7, 9], [0.1, -0.2, 0.25]) == ([9, 3, 7], [0.75, 0.1, -0.2])
+    assert F.final_pass(9, 0.5, [9], [-0.125]) == ([9], [0.375])  # S = 1: one term
+    # a restore seed that is not among the update's seeds (not what zo_step does) stays separate
+    assert F.final_pass(4, 0.5, [3, 7], [0.1, 0.2]) == ([4, 3, 7], [0.5, 0.1, 0.2])
+
+
+@pytest.mark.parametrize("S", [1, 4])
+def test_zo_step_final_pass_has_S_terms_and_equals_restore_then_update(S, monkeypatch):
+    """The step's 2S+1 apply_seeds_ calls have K = 1, 1, (2, 1) x (S-1), S; the fused final pass
+    lands within float32 rounding of a separate restore followed by the update."""
+    x, y = _data()
+    m, m_sep = _model(), _model()
+    hypers = [F.GroupHypers(**GROUP_KW[0])]
+    seeds = [11 + s for s in range(S)]
+    ks = []
+    real = zo_kernels.apply_seeds_
+
+    def spy(tensors, sds, coeffs, *a, **kw):
+        ks.append(len(sds))
+        return real(tensors, sds, coeffs, *a, **kw)
+
+    monkeypatch.setattr(zo_kernels, "apply_seeds_", spy)
+    closure = lambda: nn.functional.cross_entropy(m(x), y)  # noqa: E731
+    res = F.zo_step(F.flat_params([list(m.parameters())]), hypers, closure, seeds, 1e-3)
+    assert res.ok
+    assert ks == [1, 1] + [2, 1] * (S - 1) + [S]
+    monkeypatch.setattr(zo_kernels, "apply_seeds_", real)
+    # the same step with the restore and the update as two separate passes (independent of
+    # final_pass): the projected gradients from the fused run, the update from group_update
+    p_sep = F.flat_params([list(m_sep.parameters())])
+    closure_sep = lambda: nn.functional.cross_entropy(m_sep(x), y)  # noqa: E731
+    res_sep = F.spsa_estimate(p_sep, hypers, closure_sep, seeds, 1e-3, keep_last=True)
+    assert res_sep.grads == res.grads
+    zo_kernels.apply_seeds_(list(p_sep.tensors[0]), [seeds[-1]], [hypers[0].eps_c], 1.0)
+    upd, decay = F.group_update(hypers[0], res.grads, 1e-3)
+    zo_kernels.apply_seeds_(list(p_sep.tensors[0]), seeds, upd, decay)
+    torch.testing.assert_close(_flat(m), _flat(m_sep), rtol=0, atol=2e-7)
+    assert not torch.equal(_flat(m), _flat(_model()))  # the step moved the weights

@@ -87,8 +87,21 @@ def decay_factor(lr: float, weight_decay: float) -> float:
 def final_pass(last_seed: int, eps_c: float, seeds: Sequence[int], coeffs: Sequence[float]
                ) -> tuple[list[int], list[float]]:
     """The (seeds, coeffs) of a step's one fused final pass: restore ``+eps*c*z(last_seed)`` (the
-    weights sit at ``w - eps*c*z(last_seed)`` after the last L- evaluation) and add the update."""
-    return [int(last_seed)] + [int(s) for s in seeds], [float(eps_c)] + [float(c) for c in coeffs]
+    weights sit at ``w - eps*c*z(last_seed)`` after the last L- evaluation) and add the update.
+
+    The restore and the update's term of ``last_seed`` move the weights along the same noise
+    direction, so they are one term: ``last_seed`` leads with the coefficient ``eps_c + coeff``
+    (float64 sum, rounded to float32 once by the kernel), followed by the other seeds in order. The
+    pass sums S terms per element, not S + 1 (S = 1: one term)."""
+    last = int(last_seed)
+    out_seeds, out_coeffs = [last], [float(eps_c)]
+    for s, c in zip(seeds, coeffs):
+        if int(s) == last:
+            out_coeffs[0] += float(c)
+        else:
+            out_seeds.append(int(s))
+            out_coeffs.append(float(c))
+    return out_seeds, out_coeffs
 
 
 # ------------------------------------------------------------------------------------------------

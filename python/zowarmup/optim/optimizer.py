@@ -170,7 +170,8 @@ class ZOOptimizer(torch.optim.Optimizer):
     :func:`zo_kernels.apply_seeds_` call that regenerates the noise from the seeds: no noise
     tensor, no gradient and no weight copy is ever allocated. The restore coefficient in the last
     pass is multiplied by the decay ``1 - lr*wd`` so that weight decay acts on the restored
-    weights. In expectation the update is ``-lr * c**2 * grad L`` (``E[z z^T] = I``), so the
+    weights, and it is added to the update coefficient of ``z_{S-1}`` (the same direction), so the
+    last pass sums S noise terms (:func:`.functional.final_pass`). In expectation the update is ``-lr * c**2 * grad L`` (``E[z z^T] = I``), so the
     effective SGD learning rate is ``lr * scale**2``. ``step`` returns the mean of the 2S losses
     (losses at perturbed weights).
 
