@@ -1,4 +1,4 @@
-"""Inner-loop variants of the CPU kernel's many-seed paths (avx512 and avx2), timed one by one.
+"""Inner-loop variants of the CPU kernel's paths (avx512, avx2, portable), timed one by one.
 
 ``apply_seeds_`` with many seeds is compute-bound. This benchmark compiles
 ``benchmarks/cpu_variants/variants.cpp`` with the extension's flags (``-O3 -ffp-contract=off``),
@@ -22,8 +22,15 @@ runs it ``--runs`` times in fresh processes and writes the median of each varian
   time and 4 interleaved; ``*_r2shared`` are the kernels' loops, which build rounds 1 and 2 from a
   per-block and a per-seed product shared across blocks and seeds.
 
+- ``portable``: the portable path (``benchmarks/cpu_variants/portable.cpp``, compiled for the
+  baseline target with ``-fopenmp``), per element and seed for K = 1, 2, 4, 5, 8, 64 on 16 blocks:
+  ``spread_shift`` (the kernel's own block function: Philox, spread words, group sums, the update),
+  ``bit_test`` (the same with the earlier sums: a bit test, a compare and two logic operations per
+  element and seed; checked bit for bit against the kernel) and its Philox alone. The summary
+  scales each K to 100M float32 on 2 threads beside ``add_``: where that compute time is above
+  ``add_``, the pass is compute-bound on this path.
 - ``kernel``: the kernel itself, ``zo_kernels.apply_seeds_`` with K = 64 on 20M float32 forced to
-  each x86 path, on 1 thread and on 2 threads (``--kernel-n``), in ns per 16 element-seeds per
+  each CPU path, on 1 thread and on 2 threads (``--kernel-n``), in ns per 16 element-seeds per
   thread (wall time x threads): beside the floor it shows whether the kernel runs at its loops'
   speed, and how it scales to 2 threads on this machine.
 
@@ -42,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import shutil
 import statistics
 import subprocess
@@ -54,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write_rows  # noqa: E402
 
 SRC = Path(__file__).resolve().parent / "cpu_variants" / "variants.cpp"
+SRC_PORTABLE = Path(__file__).resolve().parent / "cpu_variants" / "portable.cpp"
 FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off", "-fno-fast-math"]
 
 
@@ -73,7 +82,7 @@ def _add_ms() -> float | None:
 
 
 def _kernel_rows(n: int, repeats: int = 7) -> list[dict]:
-    """apply_seeds_ K = 64 on n float32 per x86 path, 1 and 2 threads: ns per 16 element-seeds per
+    """apply_seeds_ K = 64 on n float32 per CPU path, 1 and 2 threads: ns per 16 element-seeds per
     thread (median wall time x threads)."""
     try:
         import torch
@@ -90,7 +99,7 @@ def _kernel_rows(n: int, repeats: int = 7) -> list[dict]:
     prev_path, prev_threads = _backends.cpu_path(), torch.get_num_threads()
     rows = []
     try:
-        for path in [p for p in ("avx512", "avx2") if p in _backends.cpu_paths()]:
+        for path in [p for p in ("avx512", "avx2", "portable") if p in _backends.cpu_paths()]:
             _backends.set_cpu_path(path)
             for threads in (1, 2):
                 torch.set_num_threads(threads)
@@ -119,6 +128,22 @@ def _kernel_rows(n: int, repeats: int = 7) -> list[dict]:
     return rows
 
 
+def _portable_summary(rows: list[dict], add_ms: float | None) -> None:
+    """Per K, the portable path's compute time on 100M float32 and 2 threads (in-cache figures
+    scaled; no memory traffic) beside add_: where it is above ~1x add_, the pass is compute-bound."""
+    per = {r["config"]["variant"]: r["figures"]["ns_per_element_seed"] for r in rows
+           if r["config"]["part"] == "portable"}
+    for k in (1, 2, 4, 5, 8, 64):
+        ns = per.get(f"spread_shift K={k}")
+        if ns is None:
+            continue
+        ms = 100e6 * k * ns * 1e-9 / 2 * 1e3
+        old = per.get(f"bit_test K={k}")
+        tail = f" = {ms / add_ms:.2f}x add_ ({add_ms:.2f} ms, kernels_cpu.json)" if add_ms else ""
+        print(f"portable K={k}: {ns:.4f} ns per element-seed (earlier bit-test sums "
+              f"{old:.4f}, {old / ns:.2f}x): 100M float32 on 2 threads >= {ms:.1f} ms of compute{tail}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=3, help="fresh processes; medians are reported")
@@ -131,15 +156,25 @@ def main(argv=None) -> int:
         print("bench_cpu_variants: no C++ compiler (g++ or c++) on PATH", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as d:
-        exe = Path(d) / "variants"
-        subprocess.run([cxx, *FLAGS, str(SRC), "-o", str(exe)], check=True)
+        exes = []
+        if platform.machine() in ("x86_64", "AMD64"):
+            exes.append(Path(d) / "variants")
+            subprocess.run([cxx, *FLAGS, str(SRC), "-o", str(exes[-1])], check=True)
+        # the portable path for the baseline target (no -march), with the build's -fopenmp (its
+        # loops are marked `#pragma omp simd`)
+        exes.append(Path(d) / "portable")
+        subprocess.run([cxx, *FLAGS, "-fopenmp", str(SRC_PORTABLE), "-o", str(exes[-1])], check=True)
         runs = []
         for _ in range(max(1, args.runs)):
-            out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
-            runs.append([json.loads(line) for line in out.splitlines() if line.strip()])
-    if runs[0] and runs[0][0].get("part") == "skipped":
-        print(f"bench_cpu_variants: skipped: {runs[0][0]['why']}")
-        return 0
+            run = []
+            for exe in exes:
+                out = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout
+                got = [json.loads(line) for line in out.splitlines() if line.strip()]
+                if got and got[0].get("part") == "skipped":
+                    print(f"bench_cpu_variants: {exe.name} skipped: {got[0]['why']}")
+                    continue
+                run += got
+            runs.append(run)
     ghz = statistics.median(r["ghz"] for run in runs for r in run if r["part"] == "clock")
     keys = [(r["part"], r.get("isa"), r["variant"]) for r in runs[0] if r["part"] != "clock"]
     rows = []
@@ -152,8 +187,9 @@ def main(argv=None) -> int:
         for k in got[0]:
             if k.startswith(("ns_", "cycles_")):
                 fig[k] = statistics.median(r[k] for r in got)
+        flags = " ".join(FLAGS + (["-fopenmp"] if part == "portable" else []))
         rows.append({"config": {"part": part, "isa": isa, "variant": variant, "threads": 1,
-                                "flags": " ".join(FLAGS)},
+                                "flags": flags},
                      "figures": fig, "command": "python benchmarks/bench_cpu_variants.py"})
     if args.kernel_n > 0:
         rows += _kernel_rows(args.kernel_n)
@@ -164,7 +200,7 @@ def main(argv=None) -> int:
         unit = "ns/16 element-seeds" if "ns_per_16_element_seeds" in f else "ns/16 lanes"
         if r["config"]["part"] == "kernel":
             unit = "ns/16 element-seeds per thread"
-        print(f"{r['config']['part']:<11}{r['config']['isa'] or '':<8}{r['config']['variant']:<34}"
+        print(f"{r['config']['part']:<11}{r['config']['isa'] or '':<10}{r['config']['variant']:<34}"
               f"{ns:8.3f} {unit:<22}"
               f"{'' if f.get('bit_exact', True) else 'NOT BIT-EXACT'}")
     add_ms = _add_ms()
@@ -188,6 +224,7 @@ def main(argv=None) -> int:
         if kern.get(1) and kern.get(2):
             print(f"{isa}: the kernel itself, 1 thread {kern[1]:.3f} ({kern[1] / per16:.2f}x the floor), "
                   f"2 threads {kern[2]:.3f} per thread (2-thread speed-up {2 * kern[1] / kern[2]:.2f}x)")
+    _portable_summary(rows, add_ms)
     if not args.no_write:
         print(f"wrote {write_rows('cpu_variants', rows)}")
     return 0

@@ -32,15 +32,16 @@ SOURCE = r"""
 #include "kernel_portable.h"
 // Every loop of the header, instantiated: Philox, the group sums (all accumulator modes and group
 // sizes), the final update for each dtype with and without decay.
-void use_all(void* p, int dt, float* acc, float* x, const uint32_t* w, const uint32_t* cb,
-             uint64_t b, uint64_t seed, uint32_t (*out)[16], const uint64_t* seeds,
-             const float* coeffs, int K, float d) {
+void use_all(void* p, int dt, float* acc, float* x, const uint32_t (*words)[4][16],
+             uint32_t (*spread)[4][16][4], const uint32_t* ncb, uint64_t b, uint64_t seed,
+             uint32_t (*out)[16], const uint64_t* seeds, const float* coeffs, int K, float d) {
   zo_cpu::philox_blocks16_portable(b, seed, out);
+  zo_cpu::spread_words(words, K, spread);
   for (int n = 1; n <= 4; ++n)
     for (int first = 0; first < 3; ++first)
       for (int to_x = 0; to_x < 2; ++to_x)
         for (int dec = 0; dec < 2; ++dec)
-          zo_cpu::group_terms32_any(n, first, to_x, dec, acc, x, w, cb, d);
+          zo_cpu::group_blocks_any(n, first, to_x, dec, K, acc, x, spread, ncb, d);
   zo_cpu::finalize_portable(p, dt, 0, acc, K, d);
   zo_cpu::rademacher_blocks_portable(p, dt, b, 3, seeds, coeffs, K, d);
 }
@@ -140,8 +141,9 @@ def _simd_loop_lines() -> list[int]:
 
 
 def test_every_simd_loop_is_marked():
-    # guard: the scan finds the loops this test is about (Philox, group sums, 6 final updates)
-    assert len(_simd_loop_lines()) >= 8
+    # guard: the scan finds the loops this test is about (Philox, spread, group sums, 6 final
+    # updates)
+    assert len(_simd_loop_lines()) >= 9
     for ln in _simd_loop_lines():
         assert HEADER.read_text().splitlines()[ln - 1].lstrip().startswith("for ("), ln
 

@@ -22,6 +22,9 @@
 // Compiled with -ffp-contract=off: contracting `p * decay + acc` into an FMA would change the bits.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -63,6 +66,23 @@ inline void rademacher_blocks(void* p, int dt, uint64_t block0, int64_t nblocks,
 #endif
   (void)tables;
   rademacher_blocks_portable(p, dt, block0, nblocks, seeds, coeffs, K, decay);
+}
+
+// Scalar element access (the pieces of blocks cut by a tensor's ends), through c10's conversions.
+inline float load_elem(const void* p, int dt, int64_t e) {
+  switch (dt) {
+    case F32: return static_cast<const float*>(p)[e];
+    case BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[e]);
+    default: return static_cast<float>(static_cast<const c10::Half*>(p)[e]);
+  }
+}
+
+inline void store_elem(void* p, int dt, int64_t e, float v) {
+  switch (dt) {
+    case F32: static_cast<float*>(p)[e] = v; break;
+    case BF16: static_cast<c10::BFloat16*>(p)[e] = c10::BFloat16(v); break;  // round to nearest even
+    default: static_cast<c10::Half*>(p)[e] = c10::Half(v); break;
+  }
 }
 
 // Elements [e0, e1) of a tensor whose element 0 has global index base, element by element (the

@@ -1,8 +1,6 @@
-// Shared pieces of the CPU kernel's paths: work sizes, dtype codes, scalar element access.
+// Shared pieces of the CPU kernel's paths: work sizes, dtype codes, bit casts. No torch dependency
+// (the portable path and its micro-benchmark compile without it).
 #pragma once
-
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <cstring>
@@ -21,21 +19,5 @@ enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
 
 inline uint32_t f2u(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 inline float u2f(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-
-inline float load_elem(const void* p, int dt, int64_t e) {
-  switch (dt) {
-    case F32: return static_cast<const float*>(p)[e];
-    case BF16: return static_cast<float>(static_cast<const c10::BFloat16*>(p)[e]);
-    default: return static_cast<float>(static_cast<const c10::Half*>(p)[e]);
-  }
-}
-
-inline void store_elem(void* p, int dt, int64_t e, float v) {
-  switch (dt) {
-    case F32: static_cast<float*>(p)[e] = v; break;
-    case BF16: static_cast<c10::BFloat16*>(p)[e] = c10::BFloat16(v); break;  // round to nearest even
-    default: static_cast<c10::Half*>(p)[e] = c10::Half(v); break;
-  }
-}
 
 }  // namespace zo_cpu

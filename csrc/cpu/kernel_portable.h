@@ -8,7 +8,10 @@
 //  - the sums, over the 32 elements of one Philox word: each term is computed, not looked up:
 //    T_g = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 is the very expression that defines the table
 //    entry T_g[idx_g] (fp32, left to right), so computing it per element gives the table's bits without
-//    a gather (which no baseline target has). s_k c_k is c_k with its sign bit flipped on a bit test;
+//    a gather (which no baseline target has). s_k c_k is -c_k with its sign bit flipped when the
+//    element's bit is set: the bit is brought to the sign position by a shift that is the same in
+//    every lane (lane l reads the word shifted right by l, see spread_words), then one AND and one
+//    XOR; no per-lane shift count (which SSE2 lacks) and no compare;
 //  - the final p = p * decay + acc for float32, bfloat16 and float16 (the half types' conversions
 //    written on integers and fp32 arithmetic, no branch).
 #pragma once
@@ -22,16 +25,6 @@
 #include "kernel_common.h"
 
 namespace zo_cpu {
-
-struct BitMasks {
-  uint32_t m[32];
-};
-constexpr BitMasks make_bit_masks() {
-  BitMasks b{};
-  for (int j = 0; j < 32; ++j) b.m[j] = 1u << j;
-  return b;
-}
-alignas(64) inline constexpr BitMasks kBitMasks = make_bit_masks();
 
 // Philox4x32-10 of counters (block0 + l, 0, 0) for l < 16 under one key; out[q][l] = word q.
 inline void philox_blocks16_portable(uint64_t block0, uint64_t seed, uint32_t out[4][16]) {
@@ -67,60 +60,100 @@ inline void philox_blocks16_portable(uint64_t block0, uint64_t seed, uint32_t ou
   }
 }
 
-// The sum of one group of N seeds for the 32 elements of one Philox word, with w[s] the word of
-// seed s and cb[s] the bits of +c_s: t_j = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 (first N terms),
-// s_k c_k = c_k when bit j of w[k] is set, else c_k with its sign bit flipped (-c_k exactly): a bit
-// test, a compare and two logic operations on any SIMD target, no float select. Then the
-// accumulator: v = a + t (kFirst == 0), 0 + t (kFirst == 1: the first group), t (kFirst == 2: the
-// first group when one of its coefficients is nonzero; then t is never -0, so 0 + t == t), stored in
-// a, or with the last group into float32 x: x = x + v, x * decay + v (kDecay). One loop over j: it
-// vectorizes on any SIMD width, and the last group writes the tensor without an accumulator pass.
-template <int N, int kFirst, bool kToX, bool kDecay>
-inline void group_terms32(float* __restrict a, float* __restrict x, const uint32_t* w,
-                          const uint32_t* cb, float decay) {
-  constexpr uint32_t kSignBit = 0x80000000u;
-  const uint32_t w0 = w[0], w1 = N > 1 ? w[1] : 0u, w2 = N > 2 ? w[2] : 0u, w3 = N > 3 ? w[3] : 0u;
-  const uint32_t p0 = cb[0], p1 = N > 1 ? cb[1] : 0u, p2 = N > 2 ? cb[2] : 0u, p3 = N > 3 ? cb[3] : 0u;
+// spread[q][s][g][l] = word q of seed s of block g, shifted right by l (l < 4): in a 4-lane vector
+// of spread[q][s][g], lane l holds the sign bit of element 4t + l at bit 4t for every t, so one
+// shift by 31 - 4t, the same in all lanes, brings the 4 elements' bits to the sign position.
+// words[s][q][g] as philox_blocks16_portable writes them; n seeds, all 16 blocks.
+inline void spread_words(const uint32_t (*words)[4][16], int n, uint32_t (*spread)[4][16][4]) {
+  for (int q = 0; q < 4; ++q)
+    for (int s = 0; s < n; ++s) {
+      const uint32_t* __restrict w = words[s][q];
+      uint32_t* __restrict v = &spread[q][s][0][0];
 #pragma omp simd
-  for (int j = 0; j < 32; ++j) {
-    const uint32_t m = kBitMasks.m[j];
-    float t = std::bit_cast<float>(p0 ^ ((w0 & m) ? 0u : kSignBit));
-    if (N > 1) t = t + std::bit_cast<float>(p1 ^ ((w1 & m) ? 0u : kSignBit));
-    if (N > 2) t = t + std::bit_cast<float>(p2 ^ ((w2 & m) ? 0u : kSignBit));
-    if (N > 3) t = t + std::bit_cast<float>(p3 ^ ((w3 & m) ? 0u : kSignBit));
-    const float v = kFirst == 0 ? a[j] + t : kFirst == 1 ? 0.0f + t : t;
-    if (kToX) x[j] = (kDecay ? x[j] * decay : x[j]) + v;
-    else a[j] = v;
+      for (int g = 0; g < 16; ++g) {
+        v[4 * g] = w[g];
+        v[4 * g + 1] = w[g] >> 1;
+        v[4 * g + 2] = w[g] >> 2;
+        v[4 * g + 3] = w[g] >> 3;
+      }
+    }
+}
+
+// The sum of one group of N seeds for the 32 elements of one Philox word, with v[s] the 4 spread
+// lanes of seed s (spread_words) and ncb[s] the bits of -c_s: for element j = 4t + l,
+// t_j = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 (first N terms), s_k c_k = -c_k with its sign bit
+// flipped when bit j of the word is set (+c_k exactly), else -c_k. Then the accumulator: r = a + t
+// (kFirst == 0), 0 + t (kFirst == 1: the first group), t (kFirst == 2: the first group when one of
+// its coefficients is nonzero; then t is never -0, so 0 + t == t), stored in a, or with the last
+// group into float32 x: x = x + r, x * decay + r (kDecay). The inner loop is one 4-lane vector on
+// any 128-bit SIMD target; the outer one is unrolled, so each shift count is a constant.
+template <int N, int kFirst, bool kToX, bool kDecay>
+inline void group_terms32(float* __restrict a, float* __restrict x, const uint32_t* const* v,
+                          const uint32_t* ncb, float decay) {
+  constexpr uint32_t kSignBit = 0x80000000u;
+  const uint32_t* __restrict v0 = v[0];
+  const uint32_t* __restrict v1 = N > 1 ? v[1] : v[0];
+  const uint32_t* __restrict v2 = N > 2 ? v[2] : v[0];
+  const uint32_t* __restrict v3 = N > 3 ? v[3] : v[0];
+  const uint32_t n0 = ncb[0], n1 = N > 1 ? ncb[1] : 0u, n2 = N > 2 ? ncb[2] : 0u;
+  const uint32_t n3 = N > 3 ? ncb[3] : 0u;
+#pragma GCC unroll 8
+  for (int t = 0; t < 8; ++t) {
+    const int sh = 31 - 4 * t;
+#pragma omp simd
+    for (int l = 0; l < 4; ++l) {
+      const int j = 4 * t + l;
+      float tt = std::bit_cast<float>(n0 ^ ((v0[l] << sh) & kSignBit));
+      if (N > 1) tt = tt + std::bit_cast<float>(n1 ^ ((v1[l] << sh) & kSignBit));
+      if (N > 2) tt = tt + std::bit_cast<float>(n2 ^ ((v2[l] << sh) & kSignBit));
+      if (N > 3) tt = tt + std::bit_cast<float>(n3 ^ ((v3[l] << sh) & kSignBit));
+      const float r = kFirst == 0 ? a[j] + tt : kFirst == 1 ? 0.0f + tt : tt;
+      if (kToX) x[j] = (kDecay ? x[j] * decay : x[j]) + r;
+      else a[j] = r;
+    }
   }
+}
+
+// One group of N seeds over G blocks (acc and x: the blocks' first element), the accumulator mode
+// fixed for the whole loop.
+template <int N, int kFirst, bool kToX, bool kDecay>
+inline void group_blocks(int G, float* __restrict acc, float* __restrict x,
+                         const uint32_t (*spread)[4][16][4], const uint32_t* ncb, float decay) {
+  for (int g = 0; g < G; ++g)
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t* v[4] = {spread[q][0][g], spread[q][1][g], spread[q][2][g], spread[q][3][g]};
+      const int e = g * zo::kBlock + 32 * q;
+      group_terms32<N, kFirst, kToX, kDecay>(acc + e, kToX ? x + e : nullptr, v, ncb, decay);
+    }
 }
 
 template <int kFirst, bool kToX, bool kDecay>
-inline void group_terms32_n(int n, float* __restrict a, float* __restrict x, const uint32_t* w,
-                            const uint32_t* cb, float decay) {
+inline void group_blocks_n(int n, int G, float* __restrict acc, float* __restrict x,
+                           const uint32_t (*spread)[4][16][4], const uint32_t* ncb, float decay) {
   switch (n) {
-    case 1: group_terms32<1, kFirst, kToX, kDecay>(a, x, w, cb, decay); break;
-    case 2: group_terms32<2, kFirst, kToX, kDecay>(a, x, w, cb, decay); break;
-    case 3: group_terms32<3, kFirst, kToX, kDecay>(a, x, w, cb, decay); break;
-    default: group_terms32<4, kFirst, kToX, kDecay>(a, x, w, cb, decay); break;
+    case 1: group_blocks<1, kFirst, kToX, kDecay>(G, acc, x, spread, ncb, decay); break;
+    case 2: group_blocks<2, kFirst, kToX, kDecay>(G, acc, x, spread, ncb, decay); break;
+    case 3: group_blocks<3, kFirst, kToX, kDecay>(G, acc, x, spread, ncb, decay); break;
+    default: group_blocks<4, kFirst, kToX, kDecay>(G, acc, x, spread, ncb, decay); break;
   }
 }
 
-// One group's terms with the accumulator mode chosen at run time (see group_terms32).
-inline void group_terms32_any(int n, int first, bool to_x, bool dec, float* __restrict a,
-                              float* __restrict x, const uint32_t* w, const uint32_t* cb,
-                              float decay) {
+// One group's sums over G blocks with the accumulator mode chosen at run time (see group_terms32).
+inline void group_blocks_any(int n, int first, bool to_x, bool dec, int G, float* __restrict acc,
+                             float* __restrict x, const uint32_t (*spread)[4][16][4],
+                             const uint32_t* ncb, float decay) {
   if (!to_x) {
-    if (first == 0) group_terms32_n<0, false, false>(n, a, x, w, cb, decay);
-    else if (first == 1) group_terms32_n<1, false, false>(n, a, x, w, cb, decay);
-    else group_terms32_n<2, false, false>(n, a, x, w, cb, decay);
+    if (first == 0) group_blocks_n<0, false, false>(n, G, acc, x, spread, ncb, decay);
+    else if (first == 1) group_blocks_n<1, false, false>(n, G, acc, x, spread, ncb, decay);
+    else group_blocks_n<2, false, false>(n, G, acc, x, spread, ncb, decay);
   } else if (dec) {
-    if (first == 0) group_terms32_n<0, true, true>(n, a, x, w, cb, decay);
-    else if (first == 1) group_terms32_n<1, true, true>(n, a, x, w, cb, decay);
-    else group_terms32_n<2, true, true>(n, a, x, w, cb, decay);
+    if (first == 0) group_blocks_n<0, true, true>(n, G, acc, x, spread, ncb, decay);
+    else if (first == 1) group_blocks_n<1, true, true>(n, G, acc, x, spread, ncb, decay);
+    else group_blocks_n<2, true, true>(n, G, acc, x, spread, ncb, decay);
   } else {
-    if (first == 0) group_terms32_n<0, true, false>(n, a, x, w, cb, decay);
-    else if (first == 1) group_terms32_n<1, true, false>(n, a, x, w, cb, decay);
-    else group_terms32_n<2, true, false>(n, a, x, w, cb, decay);
+    if (first == 0) group_blocks_n<0, true, false>(n, G, acc, x, spread, ncb, decay);
+    else if (first == 1) group_blocks_n<1, true, false>(n, G, acc, x, spread, ncb, decay);
+    else group_blocks_n<2, true, false>(n, G, acc, x, spread, ncb, decay);
   }
 }
 
@@ -206,43 +239,39 @@ inline void finalize_portable(void* p, int dt, int64_t e0, const float* __restri
 }
 
 // Full 128-element blocks [block0, block0 + nblocks) of one tensor whose element 0 is block0's
-// first element, at p (dtype dt). Grouped order, terms computed per element (see the top). float32
-// with K <= 64 (one seed batch): the last group writes the tensor (no accumulator pass).
+// first element, at p (dtype dt). Grouped order, terms computed per element (see the top), one group
+// at a time over 16 blocks. float32 with K <= 64 (one seed batch): the last group writes the tensor
+// (no accumulator pass).
 inline void rademacher_blocks_portable(void* p, int dt, uint64_t block0, int64_t nblocks,
                                        const uint64_t* seeds, const float* coeffs, int K,
                                        float decay) {
   constexpr int G16 = 16;
   alignas(64) float acc[G16 * zo::kBlock];
-  alignas(64) uint32_t words[kSeedBatch][4][G16];  // [seed][word][block]
-  alignas(64) uint32_t wg[kSumGroup];
-  alignas(64) uint32_t cbits[kSeedBatch];
+  alignas(64) uint32_t words[kSeedBatch][4][G16];        // [seed][word][block]
+  alignas(64) uint32_t spread[4][kSumGroup][G16][4];     // one group's words, spread_words
+  alignas(64) uint32_t ncbits[kSeedBatch];                // bits of -c
   const bool fused = dt == F32 && K >= 1 && K <= kSeedBatch;
   const bool dec = decay != 1.0f;
   bool g0_nonzero = false;  // a nonzero coefficient in group 0: then 0 + T_0 == T_0
   for (int k = 0; k < std::min(K, kSumGroup); ++k) g0_nonzero |= coeffs[k] != 0.0f;
   for (int64_t g0 = 0; g0 < nblocks; g0 += G16) {
     const int G = (int)std::min<int64_t>(G16, nblocks - g0);
+    float* x = fused ? static_cast<float*>(p) + g0 * (int64_t)zo::kBlock : nullptr;
     if (!fused)
       for (int i = 0; i < G * zo::kBlock; ++i) acc[i] = 0.0f;
     for (int kb = 0; kb < K; kb += kSeedBatch) {
       const int KB = std::min(kSeedBatch, K - kb);
       for (int k = 0; k < KB; ++k) {
         philox_blocks16_portable(block0 + (uint64_t)g0, seeds[kb + k], words[k]);
-        cbits[k] = f2u(coeffs[kb + k]);
+        ncbits[k] = f2u(coeffs[kb + k]) ^ 0x80000000u;
       }
-      for (int g = 0; g < G; ++g) {
-        for (int q = 0; q < 4; ++q) {
-          float* __restrict a = acc + g * zo::kBlock + 32 * q;
-          float* x = fused ? static_cast<float*>(p) + (g0 + g) * (int64_t)zo::kBlock + 32 * q : nullptr;
-          for (int k0 = 0; k0 < KB; k0 += kSumGroup) {  // kSeedBatch % 4 == 0: groups stay whole
-            const int n = std::min(kSumGroup, KB - k0);
-            for (int s = 0; s < n; ++s) wg[s] = words[k0 + s][q][g];
-            // Not fused: acc starts at 0 and is added to like any later group (first = 0).
-            const int first = (kb + k0 == 0 && fused) ? (g0_nonzero ? 2 : 1) : 0;
-            const bool last = fused && k0 + kSumGroup >= KB;
-            group_terms32_any(n, first, last, dec, a, x, wg, cbits + k0, decay);
-          }
-        }
+      for (int k0 = 0; k0 < KB; k0 += kSumGroup) {  // kSeedBatch % 4 == 0: groups stay whole
+        const int n = std::min(kSumGroup, KB - k0);
+        spread_words(words + k0, n, spread);
+        // Not fused: acc starts at 0 and is added to like any later group (first = 0).
+        const int first = (kb + k0 == 0 && fused) ? (g0_nonzero ? 2 : 1) : 0;
+        const bool last = fused && k0 + kSumGroup >= KB;
+        group_blocks_any(n, first, last, dec, G, acc, x, spread, ncbits + k0, decay);
       }
     }
     if (!fused) finalize_portable(p, dt, g0 * zo::kBlock, acc, G * zo::kBlock, decay);
