@@ -335,7 +335,10 @@ def _optimizer_step_notes(rows: list[dict]) -> list[str]:
            "(the cost of the 2S+1 weight passes); each step is paired with the mean of the 2S "
            "forwards timed just before and just after it, and the ratio is the median over "
            "repeats (the VM's drift cancels). `passes alone`: the step's 2S+1 kernel passes "
-           "timed without forwards, paired the same way: the floor of an in-place step. "
+           "timed without forwards, paired the same way: the floor of an in-place step on that "
+           "path. `add_ floor`: 2S+1 `add_` passes over the weights, paired the same way: the "
+           "floor of any in-place step on this machine (each pass reads and writes every weight); "
+           "where it is above the target, no kernel can meet the target on that run. "
            "`2S forwards ms` and `ZO step ms` are plain medians."]
     # the memory floor: an in-place step must read and write every weight 2S+1 times; the step's
     # kernel passes timed alone (no forward between them) are what those passes cost here
@@ -421,6 +424,21 @@ def _cpu_variants_notes(rows: list[dict]) -> list[str]:
                 out.append(f"{isa}: fastest accumulate in {label} + fastest Philox: {floor:.3f} ns "
                            f"per 16 element-seeds per thread = {floor / 16:.4f} ns per element per "
                            "seed per thread, before any memory traffic.")
+    port = {lookup(r, "config.variant"): r for r in rows if lookup(r, "config.part") == "portable"}
+    if port:
+        out.append("`portable` rows: the portable path compiled for the baseline target (SSE2 on "
+                   "x86-64), 16 blocks of float32 in L1, one thread, per 16 element-seeds of the "
+                   "whole block function (Philox, sums, update of the weights): `spread_shift K=k` "
+                   "is the kernel's own code, `bit_test K=k` the same with the earlier sums (a bit "
+                   "test, a compare and two logic operations per element and seed); `bit exact`: "
+                   "the two gave the same bits. `philox`: the path's Philox alone.")
+        for k in (1, 2, 4, 5, 8, 64):
+            a, b = port.get(f"spread_shift K={k}"), port.get(f"bit_test K={k}")
+            na = lookup(a, "figures.ns_per_16_element_seeds") if a else None
+            nb = lookup(b, "figures.ns_per_16_element_seeds") if b else None
+            if isinstance(na, (int, float)) and isinstance(nb, (int, float)) and na > 0:
+                out.append(f"portable K={k}: {na:.3f} ns per 16 element-seeds ({na / 16:.4f} per "
+                           f"element-seed), {nb / na:.2f}x faster than the earlier sums.")
     return out
 
 
@@ -461,6 +479,7 @@ FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
         Col("ZO step ms", "figures.zo_step_s", ms), Col("overhead", "figures.overhead", "{:.1%}"),
         Col("overhead, CPU time", "figures.overhead_cpu_time", "{:.1%}"),
         Col("passes alone", "figures.overhead_of_passes_alone", "{:.1%}"),
+        Col("add_ floor", "figures.overhead_memory_floor", "{:.1%}"),
         Col("MeZO step ms", "figures.mezo_step_s", ms),
         Col("MeZO / ZO", "figures.mezo_over_zo", "{:.2f}"), TARGET, RESULT],
         notes=_optimizer_step_notes),

@@ -79,9 +79,9 @@ def test_paths_block_counter_high_word(backend, K):
 @pytest.mark.filterwarnings("ignore:overflow encountered")
 @pytest.mark.parametrize("backend", CPU_PATH_PARAMS)
 def test_paths_equal_leading_seeds(backend):
-    """Seeds 0 and 1 equal with K <= 4 (the backend merges them into one term with coefficient
-    c_0 + c_1): same bits as the reference, including c_1 = -c_0, signed zeros and an fp32
-    overflow of c_0 + c_1; float32 and bfloat16, with and without decay."""
+    """Equal seeds in one group (two terms along the same direction): same bits as the reference,
+    including c_1 = -c_0, signed zeros and an fp32 overflow of c_0 + c_1; float32 and bfloat16, with
+    and without decay."""
     select(backend)
     g = torch.Generator().manual_seed(3)
     cases = [([7, 7], [0.25, 0.5]), ([7, 7], [0.25, -0.25]), ([7, 7], [-0.0, 0.0]),

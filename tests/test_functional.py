@@ -131,6 +131,9 @@ def test_final_pass_merges_the_restore_into_the_last_seeds_term():
     assert F.final_pass(9, 0.5, [9], [-0.125]) == ([9], [0.375])  # S = 1: one term
     # a restore seed that is not among the update's seeds (not what zo_step does) stays separate
     assert F.final_pass(4, 0.5, [3, 7], [0.1, 0.2]) == ([4, 3, 7], [0.5, 0.1, 0.2])
+    # seeds and coefficients of different lengths: an error, not a silently dropped term
+    with pytest.raises(ValueError, match="2 seeds but 1 coefficients"):
+        F.final_pass(9, 0.5, [3, 9], [0.1])
 
 
 @pytest.mark.parametrize("S", [1, 4])
@@ -141,11 +144,12 @@ def test_zo_step_final_pass_has_S_terms_and_equals_restore_then_update(S, monkey
     m, m_sep = _model(), _model()
     hypers = [F.GroupHypers(**GROUP_KW[0])]
     seeds = [11 + s for s in range(S)]
-    ks = []
+    ks, calls = [], []
     real = zo_kernels.apply_seeds_
 
     def spy(tensors, sds, coeffs, *a, **kw):
         ks.append(len(sds))
+        calls.append((list(sds), list(coeffs)))
         return real(tensors, sds, coeffs, *a, **kw)
 
     monkeypatch.setattr(zo_kernels, "apply_seeds_", spy)
@@ -162,6 +166,9 @@ def test_zo_step_final_pass_has_S_terms_and_equals_restore_then_update(S, monkey
     assert res_sep.grads == res.grads
     zo_kernels.apply_seeds_(list(p_sep.tensors[0]), [seeds[-1]], [hypers[0].eps_c], 1.0)
     upd, decay = F.group_update(hypers[0], res.grads, 1e-3)
+    # the final call: z_{S-1} first with restore (decayed) + its update, then the others in order
+    assert calls[-1] == ([seeds[-1]] + seeds[:-1],
+                         [hypers[0].eps_c * decay + upd[-1]] + list(upd[:-1]))
     zo_kernels.apply_seeds_(list(p_sep.tensors[0]), seeds, upd, decay)
     torch.testing.assert_close(_flat(m), _flat(m_sep), rtol=0, atol=2e-7)
     assert not torch.equal(_flat(m), _flat(_model()))  # the step moved the weights

@@ -4,7 +4,8 @@
    by the compiler on the baseline x86-64 target, or the path that aarch64 and old x86 run silently
    becomes scalar (a float16 update written with ``?:`` on floats stayed a branch under GCC's
    trapping math and ran several times slower). A file that instantiates every loop is compiled
-   with ``-fopt-info-vec-optimized``, which names each vectorized loop by its line.
+   with ``-fopt-info-vec-optimized``, which names each vectorized loop by its line, and without
+   torch's include paths (the header needs none).
 2. Its float16 conversions (integer bits and fp32 arithmetic, no branch) equal c10's on every one
    of the 65,536 halves (load) and of the 2**32 floats (store, round to nearest even, NaN ->
    sign | 0x7e00), checked by a C++ loop against ``c10::Half`` and, where the CPU has F16C, against
@@ -102,15 +103,19 @@ int main() {
 """
 
 
-def _compile(tmp_path, source: str, name: str, extra: list[str], link: bool):
+def _compile(tmp_path, source: str, name: str, extra: list[str], link: bool, torch: bool = True):
+    """Compile ``source`` with the build's flags; ``torch=False`` leaves torch's include paths out
+    (the portable header itself needs none: a c10 include creeping back in fails there)."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("no g++ here")
-    torch_cpp = pytest.importorskip("torch.utils.cpp_extension")
     src = tmp_path / f"{name}.cpp"
     src.write_text(source)
     out = tmp_path / (name if link else f"{name}.o")
-    includes = [f"-I{HEADER.parent}"] + [f"-I{p}" for p in torch_cpp.include_paths()]
+    includes = [f"-I{HEADER.parent}"]
+    if torch:
+        torch_cpp = pytest.importorskip("torch.utils.cpp_extension")
+        includes += [f"-I{p}" for p in torch_cpp.include_paths()]
     cmd = [gxx, *FLAGS, *includes, *extra, str(src), "-o", str(out)]
     if not link:
         cmd.insert(-3, "-c")
@@ -158,7 +163,8 @@ def test_portable_loops_vectorize_on_the_baseline_target(tmp_path):
     if not ver or int(ver.split(".")[0]) < 12:
         # the -fopt-info report format and what GCC vectorizes were checked with GCC 12
         pytest.skip(f"g++ {ver or '?'}: the vectorization report is checked with GCC >= 12")
-    _, res = _compile(tmp_path, SOURCE, "use_portable", ["-fopt-info-vec-optimized"], link=False)
+    _, res = _compile(tmp_path, SOURCE, "use_portable", ["-fopt-info-vec-optimized"], link=False,
+                      torch=False)
     vectorized = {int(m.group(1)) for m in re.finditer(
         r"kernel_portable\.h:(\d+):\d+: optimized: loop vectorized", res.stderr)}
     # GCC names a loop by its first statement: the ``for`` line itself, or the next one

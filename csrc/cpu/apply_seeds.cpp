@@ -40,23 +40,6 @@ int dtype_code(const at::Tensor& t) {
 // as uint64 bit patterns, coeffs float32, bases[t] = global index of tensors[t]'s element 0.
 void run_cpu(const std::vector<at::Tensor>& tensors, const uint64_t* sp, const float* cp, int K,
              const std::vector<int64_t>& bases, float fdecay, int dist) {
-  // Rademacher, K <= 4 (one group) with seeds 0 and 1 equal (the ZO step's final pass with one
-  // sample: [z_0, z_0]): both terms carry the same sign s, and round to nearest is symmetric, so
-  // s c_0 + s c_1 == s (c_0 + c_1) in fp32; the call is the same call with one seed less and the
-  // coefficient c_0 + c_1 (fp32), and takes one Philox and one select per element instead of two.
-  uint64_t s_merged[kSumGroup];
-  float c_merged[kSumGroup];
-  if (dist == 0 && K >= 2 && K <= kSumGroup && sp[0] == sp[1]) {
-    s_merged[0] = sp[0];
-    c_merged[0] = cp[0] + cp[1];
-    for (int k = 2; k < K; ++k) {
-      s_merged[k - 1] = sp[k];
-      c_merged[k - 1] = cp[k];
-    }
-    sp = s_merged;
-    cp = c_merged;
-    --K;
-  }
   std::vector<float> tables(16 * (size_t)num_groups(K) + 16);  // subset-sum tables (Rademacher)
   if (dist == 0) group_tables(cp, K, tables.data());
   std::vector<Job> jobs;

@@ -10,7 +10,7 @@
 //    T_g = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 is computed, not looked up: it is the expression
 //    that defines the table entry T_g[idx_g], so the bits are the table's. s_k c_k is one vpsllvd (bit
 //    j of the word into the sign position) and one vblendvps between -c_k and c_k. No transpose, so
-//    small K (the ZO step's K = 1..S+1) costs little more than the memory traffic.
+//    small K costs little more than the memory traffic.
 //  - K >= 16 ("table"): lanes over 8 seeds of one block. The sign bits are transposed into per-element
 //    32-bit words of seed bits with vpshufb + vpunpck + vpmovmskb (32 seeds x 32 elements per 16
 //    vector ops and 32 movemasks), and every group adds one table entry: the 16-entry table is two

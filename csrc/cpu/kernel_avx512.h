@@ -173,8 +173,8 @@ ZO_AVX512 inline void block_counters(uint64_t b, __m512i& lo, __m512i& hi) {
   hi = _mm512_load_si512(h);
 }
 
-// K <= 8 (two groups), any dtype: memory-bound or nearly (perturb_ is K = 1; the ZO step's passes
-// are K = 1, 2 and S + 1). Per group of 16 blocks one 16-lane Philox per seed (lanes over blocks, up to
+// K <= 8 (two groups), any dtype: memory-bound or nearly (perturb_ is K = 1; small K is the common
+// case). Per group of 16 blocks one 16-lane Philox per seed (lanes over blocks, up to
 // 4 seeds interleaved) as a burst, then per block and 16 elements: per seed vpsllvd + vpternlogd (bit
 // j into the sign of -c_k), each group sum T_g = ((t_0 + t_1) + t_2) + t_3 computed (it is the table
 // entry's defining expression, so the bits are the table's), acc = 0 + T_0 (or T_0 when a

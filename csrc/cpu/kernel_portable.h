@@ -5,6 +5,7 @@
 // Vectorized loops (checked with g++ -O3 -fopt-info-vec on the baseline x86-64 target, see
 // docs/DESIGN.md, "The CPU paths"):
 //  - Philox over 16 blocks of one seed at a time (lanes over blocks; 32x32->64 products);
+//  - the spread of a group's words (spread_words: word >> lane, lanes over 16 blocks);
 //  - the sums, over the 32 elements of one Philox word: each term is computed, not looked up:
 //    T_g = ((s_0 c_0 + s_1 c_1) + s_2 c_2) + s_3 c_3 is the very expression that defines the table
 //    entry T_g[idx_g] (fp32, left to right), so computing it per element gives the table's bits without

@@ -93,6 +93,8 @@ def final_pass(last_seed: int, eps_c: float, seeds: Sequence[int], coeffs: Seque
     direction, so they are one term: ``last_seed`` leads with the coefficient ``eps_c + coeff``
     (float64 sum, rounded to float32 once by the kernel), followed by the other seeds in order. The
     pass sums S terms per element, not S + 1 (S = 1: one term)."""
+    if len(seeds) != len(coeffs):
+        raise ValueError(f"final_pass: {len(seeds)} seeds but {len(coeffs)} coefficients")
     last = int(last_seed)
     out_seeds, out_coeffs = [last], [float(eps_c)]
     for s, c in zip(seeds, coeffs):
@@ -382,8 +384,9 @@ def apply_update(params: FlatParams, hypers: Sequence[GroupHypers], seeds: Seque
     Per group ``k``: ``w_k = decay_k * w_k + sum_s coeff_k,s * z(seeds[s])``
     (:func:`group_update`). With ``restore_seed`` the weights are taken to sit at
     ``w - eps_c_k * z(restore_seed)`` (after :func:`spsa_estimate` with ``keep_last``) and the same
-    pass restores them: the restore coefficient ``eps_c_k * decay_k`` leads the list
-    (:func:`final_pass`), so the decay acts on the restored weights.
+    pass restores them: ``restore_seed`` leads the list with the coefficient
+    ``eps_c_k * decay_k + coeff_k`` (restore and update along the same direction, one term,
+    :func:`final_pass`), so the decay acts on the restored weights.
 
     Args:
         params, hypers: as for :func:`spsa_estimate`.

@@ -171,9 +171,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     tensor, no gradient and no weight copy is ever allocated. The restore coefficient in the last
     pass is multiplied by the decay ``1 - lr*wd`` so that weight decay acts on the restored
     weights, and it is added to the update coefficient of ``z_{S-1}`` (the same direction), so the
-    last pass sums S noise terms (:func:`.functional.final_pass`). In expectation the update is ``-lr * c**2 * grad L`` (``E[z z^T] = I``), so the
-    effective SGD learning rate is ``lr * scale**2``. ``step`` returns the mean of the 2S losses
-    (losses at perturbed weights).
+    last pass sums S noise terms (:func:`.functional.final_pass`). In expectation the update is
+    ``-lr * c**2 * grad L`` (``E[z z^T] = I``), so the effective SGD learning rate is
+    ``lr * scale**2``. ``step`` returns the mean of the 2S losses (losses at perturbed weights).
 
     **Param groups** may set their own ``lr``, ``eps``, ``scale`` and ``weight_decay``. The noise is
     still one flat vector over all groups; group ``k`` is perturbed by ``eps_k*scale_k*z``, and
