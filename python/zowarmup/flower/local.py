@@ -25,8 +25,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+
+def _raise_system_exit(signum, frame):
+    """SIGTERM handler while a :class:`LocalFederation` block runs: unwind (so it stops its
+    processes), exit status 128 + 15 like the default action."""
+    raise SystemExit(128 + signum)
 
 
 FLOWER_ENV = {
@@ -66,7 +73,9 @@ class LocalFederation:
             ``python`` and ``src`` folders).
         connection: the connection name written to FLWR_HOME/config.toml.
 
-    Use as a context manager; the processes are stopped on exit whatever happened.
+    Use as a context manager; the processes are stopped on exit whatever happened, a SIGTERM to
+    this process included (while the block runs in the main thread, SIGTERM raises
+    ``SystemExit(143)`` unless the caller installed its own handler).
     """
 
     def __init__(self, num_supernodes: int, workdir: str | Path | None = None,
@@ -186,15 +195,32 @@ class LocalFederation:
         return sorted(out)
 
     def __enter__(self):
+        # The processes run in their own sessions, so a SIGTERM to this process (a job scheduler,
+        # `kill`, a test runner stopped from outside) would leave them running: while the block
+        # runs, SIGTERM raises SystemExit(143) in the main thread instead, so __exit__ stops them.
+        # Only where SIGTERM still has its default action (a handler the caller installed is kept).
+        self._old_sigterm = None
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_system_exit)
         try:
             return self.start()
         except BaseException:
             self.stop()
+            self._restore_sigterm()
             raise
 
     def __exit__(self, *exc):
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._restore_sigterm()
         return False
+
+    def _restore_sigterm(self) -> None:
+        if getattr(self, "_old_sigterm", None) is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
 
     # -- runs ------------------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
