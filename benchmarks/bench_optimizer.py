@@ -16,7 +16,10 @@ configs' order rotates each repeat. **The overhead** (the verdict) is, per repea
 over the mean of the two forwards beside it, minus 1, median over repeats: on a VM whose forwards
 drift by +-20% within a run, the step and its reference are measured seconds apart, so the drift
 cancels. The same paired ratio gives the passes' share (``overhead_of_passes_alone``: the floor of an
-in-place step at this machine's memory speed) and the CPU-time overhead; ``overhead_of_medians``
+in-place step at this machine's memory speed), ``overhead_memory_floor`` (``2S+1`` times ``add_`` over
+the weights: no in-place step can cost less, since each of its passes reads and writes every
+weight; when this floor is above a target, the target is out of reach on that run whatever the
+kernel does) and the CPU-time overhead; ``overhead_of_medians``
 (median step / median forwards - 1) is kept beside it. Also reported: the ratio ``MeZO / step`` and the
 time per weight pass ``(step - 2S forwards) / (2S + 1)`` beside one ``add_``.
 
@@ -96,10 +99,10 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
     flat = [p.detach() for p in params]
     passes = 2 * S + 1
     # The step's own kernel passes alone, with no forward between them (the K of each pass: +eps z_0,
-    # -2eps z_0, then restore z_i / perturb z_i+1 pairs, then restore + update over the S seeds;
-    # S = 1 merges the last pass's two equal seeds): what the weight passes cost at this machine's
-    # memory speed, beside add_ over the same weights.
-    ks = [1, 1] + [2, 1] * (S - 1) + [S + 1]
+    # -2eps z_0, then restore z_i / perturb z_i+1 pairs, then restore + update over the S seeds, the
+    # restore merged into the last seed's term as functional.final_pass does): what the weight
+    # passes cost at this machine's memory speed, beside add_ over the same weights.
+    ks = [1, 1] + [2, 1] * (S - 1) + [S]
 
     def kernel_passes(path):
         old_path = _backends.set_cpu_path(path) if path is not None else None
@@ -168,6 +171,9 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
         src, ref = (cpu, fwd_pair_cpu) if cpu_time else (times, fwd_pair)
         return statistics.median(a / f for a, f in zip(src[k], ref[k]))
     add_s = med["add_all"]
+    # The memory floor of any in-place step: 2S+1 read-modify-write passes over the weights, each at
+    # least an add_ over them (8 bytes per float32 weight), paired with the forwards like the step.
+    memory_floor = passes * paired("add_all")
     pass_s = {path: med[("passes", path)] for path in paths}
     backend = "cpu" if zo_kernels.backends()["cpu"]["usable"] else "reference"
     target = target_for(model_name, S)
@@ -206,6 +212,7 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
                         "kernel_passes_s": pass_s[path], "kernel_pass_ks": ks,
                         "kernel_passes_over_add": pass_s[path] / (passes * add_s) if add_s > 0 else None,
                         "overhead_of_passes_alone": paired(("passes", path)),
+                        "overhead_memory_floor": memory_floor,
                         "cpu_times": {(k[0] if isinstance(k, tuple) else k): v
                                       for k, v in cpu.items()
                                       if not isinstance(k, tuple) or k[1] == path},
@@ -244,7 +251,8 @@ def main(argv=None) -> int:
             ap.error(f"--cpu-paths: {bad} not run by this CPU (it runs {_backends.cpu_paths()})")
     rows = []
     print(f"{'config':26s} {'2S fwd ms':>10s} {'step ms':>9s} {'overhead':>9s} {'cpu-time':>9s} "
-          f"{'MeZO ms':>9s} {'MeZO/step':>9s} {'pass ms':>8s} {'add_ ms':>8s}")
+          f"{'MeZO ms':>9s} {'MeZO/step':>9s} {'pass ms':>8s} {'add_ ms':>8s} {'passes':>7s} "
+          f"{'floor':>6s}")
     for model in args.models.split(","):
         for S in (int(s) for s in args.samples.split(",")):
             reps = args.repeats_large if model == "mlp50m" else args.repeats
@@ -262,7 +270,9 @@ def main(argv=None) -> int:
                       f"{f['overhead_cpu_time']:9.1%} "
                       f"{1e3 * mz if mz else float('nan'):9.2f} "
                       f"{f['mezo_over_zo'] or float('nan'):9.2f} "
-                      f"{1e3 * f['weight_pass_s']:8.3f} {1e3 * f['add_all_s']:8.3f}{verdict}",
+                      f"{1e3 * f['weight_pass_s']:8.3f} {1e3 * f['add_all_s']:8.3f} "
+                      f"{f['overhead_of_passes_alone']:7.1%} {f['overhead_memory_floor']:6.1%}"
+                      f"{verdict}",
                       flush=True)
     if not args.no_write:
         print(f"wrote {write_rows(RESULTS_NAME, rows)}")

@@ -349,8 +349,9 @@ def _optimizer_step_notes(rows: list[dict]) -> list[str]:
         out.append(f"{c['label']}: the step's {2 * c['num_samples'] + 1} kernel passes alone "
                    f"(K = {f['kernel_pass_ks']}) take {1e3 * f['kernel_passes_s']:.1f} ms (median) = "
                    f"{f['kernel_passes_over_add']:.2f}x as many add_ passes over the weights"
-                   + (" (memory-bound: within 10% of add_)" if f['kernel_passes_over_add'] <= 1.10
-                      else " (compute-bound on this path: slower than add_)")
+                   + (" (within 10% of add_: memory-bound)" if f['kernel_passes_over_add'] <= 1.10
+                      else " (more than 10% slower than add_: compute, or this run's noise, on "
+                           "top of the memory traffic)")
                    + f"; paired with the forwards timed beside them, {f['overhead_of_passes_alone']:.1%}"
                    " of the 2S forwards: an estimate of the overhead's floor on this path (the "
                    "step's overhead can land a little below it, both being medians of noisy ratios).")
