@@ -17,9 +17,9 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <ctime>
 
 #include "../../csrc/cpu/kernel_portable.h"
+#include "timing.h"
 
 namespace {
 
@@ -107,20 +107,7 @@ __attribute__((noinline)) void kernel_blocks(float* xp, uint64_t block0, const u
   rademacher_blocks_portable(xp, F32, block0, 16, seeds, coeffs, K, 1.0f);
 }
 
-double thread_seconds() {
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
-template <class Fn> double best_of(Fn f, int reps) {
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    const double t0 = thread_seconds();
-    f();
-    best = std::min(best, thread_seconds() - t0);
-  }
-  return best;
-}
+using zo_bench::best_of;
 
 double ghz = 0.0;  // 0: not calibrated (cycles left out)
 
@@ -137,15 +124,8 @@ void print_row(const char* variant, double s_per_elem_seed, bool exact) {
 }  // namespace
 
 int main() {
-#if defined(__x86_64__)
-  const long n_add = 100000000L;
-  const double t_add = best_of([&] {
-    uint64_t y = 1;
-    for (long i = 0; i < n_add; ++i) asm volatile("add $1, %0" : "+r"(y));
-  }, 9);
-  ghz = n_add / t_add / 1e9;
-  std::printf("{\"part\": \"clock\", \"ghz\": %.3f}\n", ghz);
-#endif
+  ghz = zo_bench::calibrate_ghz();
+  if (ghz > 0) std::printf("{\"part\": \"clock\", \"ghz\": %.3f}\n", ghz);
   constexpr int n = 16 * zo::kBlock;
   alignas(64) static float x0[n], xa[n], xb[n];
   uint64_t seeds[64];

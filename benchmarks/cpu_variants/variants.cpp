@@ -26,6 +26,7 @@
 #include "../../csrc/cpu/avx2_blocks.h"   // the avx2 path's Philox and bit transpose
 #include "../../csrc/cpu/grouped_sum.h"   // the kernel's tables and the AVX-512 bit transpose
 #include "../../csrc/philox.h"            // the one scalar Philox4x32-10
+#include "timing.h"                       // thread CPU time, best of N, clock calibration
 
 #define ZO_T __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bitalg,avx512vbmi,gfni"), noinline))
 
@@ -526,22 +527,7 @@ ZO_T2 static bool philox8_matches(int M) {
   return ok;
 }
 
-// Best of `reps` runs, in CPU time of this thread (CLOCK_THREAD_CPUTIME_ID): on a shared machine the
-// time slices other processes take do not count, so the figures track an idle machine's.
-static double thread_seconds() {
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return ts.tv_sec + 1e-9 * ts.tv_nsec;
-}
-template <class Fn> static double best_of(Fn f, int reps) {
-  double best = 1e30;
-  for (int r = 0; r < reps; ++r) {
-    const double t0 = thread_seconds();
-    f();
-    best = std::min(best, thread_seconds() - t0);
-  }
-  return best;
-}
+using zo_bench::best_of;
 
 alignas(64) __m512i RK[20], C0[4], OUT[4][4];
 alignas(64) uint32_t k0s[16], k1s[16];
@@ -580,10 +566,7 @@ static void setup() {
     pcb[k] = f2u(c); ncb[k] = f2u(-c);
   }
   make_tables();
-  // calibration: a chain of dependent integer adds runs at one per cycle
-  const long n_add = 100000000L;
-  const double t_add = best_of([&] { uint64_t y = 1; for (long i = 0; i < n_add; ++i) asm volatile("add $1, %0" : "+r"(y)); }, 9);
-  ghz = n_add / t_add / 1e9;
+  ghz = zo_bench::calibrate_ghz();  // a chain of dependent integer adds runs at one per cycle
   std::printf("{\"part\": \"clock\", \"ghz\": %.3f}\n", ghz);
 }
 
