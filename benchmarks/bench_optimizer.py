@@ -16,10 +16,12 @@ configs' order rotates each repeat. **The overhead** (the verdict) is, per repea
 over the mean of the two forwards beside it, minus 1, median over repeats: on a VM whose forwards
 drift by +-20% within a run, the step and its reference are measured seconds apart, so the drift
 cancels. The same paired ratio gives the passes' share (``overhead_of_passes_alone``: the floor of an
-in-place step at this machine's memory speed), ``overhead_memory_floor`` (``2S+1`` times ``add_`` over
-the weights: no in-place step can cost less, since each of its passes reads and writes every
-weight; when this floor is above a target, the target is out of reach on that run whatever the
-kernel does) and the CPU-time overhead; ``overhead_of_medians``
+in-place step on that path), ``overhead_memory_floor`` (one ``add_`` over the weights, paired, times
+``2S+1``: for weights larger than the caches no in-place step can cost less, since each of its
+passes reads and writes every weight, so when this floor is above a target the target is out of
+reach on that run whatever the kernel does, up to the scatter of the paired ratios; for
+cache-resident weights the per-tensor ``add_`` loop pays dispatch and is no floor) and the CPU-time
+overhead; ``overhead_of_medians``
 (median step / median forwards - 1) is kept beside it. Also reported: the ratio ``MeZO / step`` and the
 time per weight pass ``(step - 2S forwards) / (2S + 1)`` beside one ``add_``.
 
@@ -173,6 +175,7 @@ def bench(model_name: str, S: int, repeats: int, warmup: int, paths: list,
     add_s = med["add_all"]
     # The memory floor of any in-place step: 2S+1 read-modify-write passes over the weights, each at
     # least an add_ over them (8 bytes per float32 weight), paired with the forwards like the step.
+    # A floor only for weights beyond the caches (the add_ loop is one call per tensor).
     memory_floor = passes * paired("add_all")
     pass_s = {path: med[("passes", path)] for path in paths}
     backend = "cpu" if zo_kernels.backends()["cpu"]["usable"] else "reference"

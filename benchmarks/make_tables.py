@@ -122,9 +122,10 @@ def us(v) -> str:
 
 @dataclass
 class Col:
-    """A table column: header, dotted path into a row, and a cell format (see :func:`fmt_value`)."""
+    """A table column: header, dotted path into a row (or a function of the row), and a cell
+    format (see :func:`fmt_value`)."""
     header: str
-    path: str
+    path: str | Callable[[dict], object]
     fmt: str | Callable | None = None
 
 
@@ -180,7 +181,8 @@ def column_table(cols: list[Col], notes: Callable[[list[dict]], list[str]] | Non
     """A formatter: provenance line, a table with ``cols``, then optional note lines."""
     def fmt(rows: list[dict]) -> str:
         shown = [r for r in rows if not (skip and skip(r))]
-        cells = [[fmt_value(lookup(r, c.path), c.fmt) for c in cols] for r in shown]
+        cells = [[fmt_value(lookup(r, c.path) if isinstance(c.path, str) else c.path(r), c.fmt)
+                  for c in cols] for r in shown]
         parts = [provenance(rows), "", markdown_table([c.header for c in cols], cells)]
         extra = notes(rows) if notes else []
         for note in extra:  # one paragraph each
@@ -330,15 +332,30 @@ def _optimizer_memory_notes(rows: list[dict]) -> list[str]:
             "the largest parameter, (d) gradients and activations."]
 
 
+#: weights below this many bytes can sit in the caches: there a per-tensor add_ loop is no floor
+MEMORY_FLOOR_MIN_BYTES = 64 * 2**20
+
+
+def _memory_floor(row: dict):
+    """The add_ floor of a step-time row, shown only where the float32 weights exceed the caches."""
+    n = lookup(row, "config.n_params")
+    if not isinstance(n, int) or 4 * n < MEMORY_FLOOR_MIN_BYTES:
+        return None
+    return lookup(row, "figures.overhead_memory_floor")
+
+
 def _optimizer_step_notes(rows: list[dict]) -> list[str]:
     out = ["`overhead` = ZOOptimizer.step time / time of the 2S plain forwards it must run, minus 1 "
            "(the cost of the 2S+1 weight passes); each step is paired with the mean of the 2S "
            "forwards timed just before and just after it, and the ratio is the median over "
            "repeats (the VM's drift cancels). `passes alone`: the step's 2S+1 kernel passes "
            "timed without forwards, paired the same way: the floor of an in-place step on that "
-           "path. `add_ floor`: 2S+1 `add_` passes over the weights, paired the same way: the "
-           "floor of any in-place step on this machine (each pass reads and writes every weight); "
-           "where it is above the target, no kernel can meet the target on that run. "
+           "path. `add_ floor`: one `add_` over the weights, paired the same way, times 2S+1: "
+           "for weights larger than the caches (shown above 64 MiB) the floor of any in-place "
+           "step on this machine, each of its passes reading and writing every weight; where it "
+           "is above the target, no kernel can meet the target on that run (up to the 2-3 points "
+           "the paired ratios scatter). For cache-resident weights (convnet) a one-tensor-at-a-time "
+           "`add_` loop is no floor, and the column is left empty. "
            "`2S forwards ms` and `ZO step ms` are plain medians."]
     # the memory floor: an in-place step must read and write every weight 2S+1 times; the step's
     # kernel passes timed alone (no forward between them) are what those passes cost here
@@ -480,7 +497,7 @@ FORMATTERS: dict[str, Callable[[list[dict]], str]] = {
         Col("ZO step ms", "figures.zo_step_s", ms), Col("overhead", "figures.overhead", "{:.1%}"),
         Col("overhead, CPU time", "figures.overhead_cpu_time", "{:.1%}"),
         Col("passes alone", "figures.overhead_of_passes_alone", "{:.1%}"),
-        Col("add_ floor", "figures.overhead_memory_floor", "{:.1%}"),
+        Col("add_ floor", _memory_floor, "{:.1%}"),
         Col("MeZO step ms", "figures.mezo_step_s", ms),
         Col("MeZO / ZO", "figures.mezo_over_zo", "{:.2f}"), TARGET, RESULT],
         notes=_optimizer_step_notes),
@@ -535,9 +552,9 @@ def _transformer_formatters() -> dict:
     def time_notes(rows):
         return ["Medians over interleaved repeats. `overhead` = step time / time of the 2S plain "
                 "forwards it must run, minus 1; `MeZO overhead` the same for the MeZO-style step "
-                "(per-parameter `torch.normal`, 4 passes per sample). Measured at load average "
-                "15-60 on 2 shared cores: a target is judged only when the rounds agree within "
-                "it."]
+                "(per-parameter `torch.normal`, 4 passes per sample). `overhead per round`: each "
+                "round's step over the forwards of the same round; a target is judged only when "
+                "the rounds agree within it."]
 
     def drift_notes(rows):
         return ["bfloat16 weights after 100 `ZOOptimizer.estimate` calls and no update: in place "

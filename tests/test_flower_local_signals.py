@@ -2,13 +2,16 @@
 
 Its SuperLink and SuperNodes run in their own sessions, so the default SIGTERM action (die at once)
 left them running: a test runner stopped from outside left ten Flower processes polling for half an
-hour. Here a child Python process opens a ``LocalFederation`` whose ``start`` spawns two ``sleep``
-processes the same way (``_spawn``: own session), prints their PIDs, and waits; the test sends it
-SIGTERM and checks that it exits with status 143 and that both sleepers are gone. No Flower needed.
+hour. Here a child Python process runs a ``LocalFederation`` whose ``start`` spawns two ``sleep``
+processes the same way (``_spawn``: own session), as a context manager and as ``start()`` with
+``stop()`` in a ``finally`` (the form the Flower tests use), prints their PIDs and waits; the test
+sends it SIGTERM and checks that it still ends by SIGTERM and that both sleepers are gone. No Flower
+needed.
 """
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -29,9 +32,19 @@ class Sleepers(LocalFederation):
         self._spawn("b", ["sleep", "300"])
         return self
 
-with Sleepers(2, workdir=sys.argv[1]) as fed:
-    print(" ".join(str(p.pid) for p in fed.procs), flush=True)
-    time.sleep(120)
+if sys.argv[2] == "with":
+    with Sleepers(2, workdir=sys.argv[1]) as fed:
+        print(" ".join(str(p.pid) for p in fed.procs), flush=True)
+        time.sleep(120)
+else:
+    fed = Sleepers(2, workdir=sys.argv[1])
+    try:
+        fed.start()
+        print(" ".join(str(p.pid) for p in fed.procs), flush=True)
+        time.sleep(120)
+    finally:
+        fed.stop()
+print("not reached", flush=True)
 """
 
 HANDLER_KEPT = r"""
@@ -41,18 +54,19 @@ from zowarmup.flower.local import LocalFederation
 def mine(signum, frame):
     pass
 
-class Nothing(LocalFederation):
+class One(LocalFederation):
     def start(self, timeout=600.0):
+        self._spawn("a", ["sleep", "300"])
         return self
 
 signal.signal(signal.SIGTERM, mine)
-with Nothing(1, workdir=sys.argv[1]):
+with One(1, workdir=sys.argv[1]):
     assert signal.getsignal(signal.SIGTERM) is mine   # the caller's handler is left in place
 assert signal.getsignal(signal.SIGTERM) is mine
 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-with Nothing(1, workdir=sys.argv[1]):
+with One(1, workdir=sys.argv[1]):
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # installed while it runs
-assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL       # and restored after
+assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL       # and the default restored after
 print("ok")
 """
 
@@ -72,18 +86,27 @@ def _running(pid: int) -> bool:
     return stat[stat.rindex(")") + 2:].split()[0] not in ("Z", "X")
 
 
+def _readline(stream, timeout: float) -> str:
+    ready, _, _ = select.select([stream], [], [], timeout)
+    return stream.readline() if ready else ""
+
+
 @pytest.mark.skipif(not Path("/proc").is_dir() or sys.platform != "linux",
                     reason="checks the processes through Linux /proc")
-def test_sigterm_to_the_parent_stops_the_federation_processes(tmp_path):
-    p = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path)], env=_env(),
+@pytest.mark.parametrize("form", ["with", "finally"])
+def test_sigterm_to_the_parent_stops_the_federation_processes(tmp_path, form):
+    p = subprocess.Popen([sys.executable, "-c", CHILD, str(tmp_path), form], env=_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pids: list[int] = []
     try:
-        line = p.stdout.readline()
+        line = _readline(p.stdout, 60)
         pids = [int(x) for x in line.split()]
-        assert len(pids) == 2, (line, p.stderr.read() if p.poll() is not None else "")
+        assert len(pids) == 2, (line, p.stderr.read() if p.poll() is not None else "no output")
         assert all(_running(pid) for pid in pids)  # guard: the sleepers were up
         p.send_signal(signal.SIGTERM)
-        assert p.wait(timeout=30) == 143
+        # the child still ends by SIGTERM (after stopping its processes), not by a normal exit
+        assert p.wait(timeout=30) == -signal.SIGTERM, p.stderr.read()[-2000:]
+        assert "not reached" not in p.stdout.read()
         deadline = time.time() + 10
         while time.time() < deadline and any(_running(pid) for pid in pids):
             time.sleep(0.1)
@@ -91,7 +114,7 @@ def test_sigterm_to_the_parent_stops_the_federation_processes(tmp_path):
     finally:
         if p.poll() is None:
             p.kill()
-        for pid in locals().get("pids", []):
+        for pid in pids:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):

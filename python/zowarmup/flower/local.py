@@ -8,7 +8,9 @@ SuperNodes start ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp``
 
 Each process is started in its own session (process group) and :meth:`LocalFederation.stop` ends
 exactly those groups -- by the PIDs this object started -- with SIGTERM, then SIGKILL after a grace
-period, so the helpers they spawned (superexec, app processes) go too. Nothing else is touched.
+period, so the helpers they spawned (superexec, app processes) go too. Nothing else is touched. A
+SIGTERM to the calling process (main thread) is turned into that same stop, and then ends the
+process as SIGTERM would have.
 
 Command line (starts everything, runs, stops everything, then ends like ``zowarmup run``: the run
 folder ``<--out, default runs>/flower-<name>-<timestamp>/`` with ``metrics.jsonl``, ``summary.json``,
@@ -30,10 +32,9 @@ import time
 from pathlib import Path
 
 
-def _raise_system_exit(signum, frame):
-    """SIGTERM handler while a :class:`LocalFederation` block runs: unwind (so it stops its
-    processes), exit status 128 + 15 like the default action."""
-    raise SystemExit(128 + signum)
+class _Terminated(SystemExit):
+    """Raised in the main thread by a running :class:`LocalFederation`'s SIGTERM handler, so that
+    the code unwinds to its ``stop()`` (which then ends the process by SIGTERM's default action)."""
 
 
 FLOWER_ENV = {
@@ -73,9 +74,10 @@ class LocalFederation:
             ``python`` and ``src`` folders).
         connection: the connection name written to FLWR_HOME/config.toml.
 
-    Use as a context manager; the processes are stopped on exit whatever happened, a SIGTERM to
-    this process included (while the block runs in the main thread, SIGTERM raises
-    ``SystemExit(143)`` unless the caller installed its own handler).
+    Use as a context manager (or ``start()`` with ``stop()`` in a ``finally``); the processes are
+    stopped whatever happened, a SIGTERM to this process included: from the first process started
+    to the end of ``stop()``, SIGTERM in the main thread unwinds to ``stop()`` and ends the process
+    after it (unless the caller installed its own SIGTERM handler, which is left alone).
     """
 
     def __init__(self, num_supernodes: int, workdir: str | Path | None = None,
@@ -97,9 +99,44 @@ class LocalFederation:
         self.env = env
         self.bindir = bindir
         self.port = None
+        self._sigterm_armed = False   # our SIGTERM handler is installed (see _arm_sigterm)
+        self._sigterm_seen = False    # a SIGTERM arrived while it was
+        self._stopping = False
 
     # -- processes -------------------------------------------------------------------------------
+    # -- SIGTERM ---------------------------------------------------------------------------------
+    # The processes run in their own sessions, so SIGTERM's default action on this process (a job
+    # scheduler, `kill`, a test runner stopped from outside) would end it and leave them running.
+    # From the first spawn to the end of stop(), SIGTERM instead raises _Terminated in the main
+    # thread (with or without `with`: the caller's `finally`/`__exit__` reaches stop()); stop()
+    # ignores further SIGTERMs while it works, then restores the default action and re-sends the
+    # signal, so the process still ends as SIGTERM would have ended it. Main thread only, and never
+    # over a handler the caller installed.
+    def _arm_sigterm(self) -> None:
+        if self._sigterm_armed or threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+            return
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._sigterm_armed = True
+
+    def _on_sigterm(self, signum, frame):
+        self._sigterm_seen = True
+        if not self._stopping:
+            raise _Terminated(128 + signum)
+
+    def _disarm_sigterm(self) -> None:
+        if not self._sigterm_armed:
+            return
+        self._sigterm_armed = False
+        if signal.getsignal(signal.SIGTERM) == self._on_sigterm:  # not if the caller replaced it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if self._sigterm_seen:
+            self._sigterm_seen = False
+            os.kill(os.getpid(), signal.SIGTERM)  # the processes are stopped: now the default action
+
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+        self._arm_sigterm()
         log = self.workdir / f"{name}.log"
         self.logs[name] = log
         f = open(log, "wb")
@@ -133,7 +170,17 @@ class LocalFederation:
         return self
 
     def stop(self, grace: float = 5.0) -> None:
-        """SIGTERM each started process group, SIGKILL what is left after ``grace`` seconds."""
+        """SIGTERM each started process group, SIGKILL what is left after ``grace`` seconds. A
+        SIGTERM to this process while the federation ran (or while it stops) ends the process once
+        the groups are gone."""
+        self._stopping = True
+        try:
+            self._stop_groups(grace)
+        finally:
+            self._stopping = False
+            self._disarm_sigterm()
+
+    def _stop_groups(self, grace: float) -> None:
         for p in self.procs:
             if p.poll() is None:
                 try:
@@ -195,32 +242,15 @@ class LocalFederation:
         return sorted(out)
 
     def __enter__(self):
-        # The processes run in their own sessions, so a SIGTERM to this process (a job scheduler,
-        # `kill`, a test runner stopped from outside) would leave them running: while the block
-        # runs, SIGTERM raises SystemExit(143) in the main thread instead, so __exit__ stops them.
-        # Only where SIGTERM still has its default action (a handler the caller installed is kept).
-        self._old_sigterm = None
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
-            self._old_sigterm = signal.signal(signal.SIGTERM, _raise_system_exit)
         try:
             return self.start()
         except BaseException:
             self.stop()
-            self._restore_sigterm()
             raise
 
     def __exit__(self, *exc):
-        try:
-            self.stop()
-        finally:
-            self._restore_sigterm()
+        self.stop()
         return False
-
-    def _restore_sigterm(self) -> None:
-        if getattr(self, "_old_sigterm", None) is not None:
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-            self._old_sigterm = None
 
     # -- runs ------------------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
