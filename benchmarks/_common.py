@@ -135,3 +135,11 @@ def hwm_kb():
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
 '''
+
+
+def portable_ks(variants) -> list[int]:
+    """The K of the portable rows of ``bench_cpu_variants`` (variants ``spread_shift K=k``),
+    ascending: the set ``cpu_variants/portable.cpp`` times, read from the rows themselves."""
+    import re
+    return sorted(int(m.group(1)) for v in variants
+                  if (m := re.fullmatch(r"spread_shift K=(\d+)", str(v))))

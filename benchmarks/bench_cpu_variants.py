@@ -59,7 +59,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write_rows  # noqa: E402
+from _common import portable_ks, write_rows  # noqa: E402
 
 SRC = Path(__file__).resolve().parent / "cpu_variants" / "variants.cpp"
 SRC_PORTABLE = Path(__file__).resolve().parent / "cpu_variants" / "portable.cpp"
@@ -133,7 +133,7 @@ def _portable_summary(rows: list[dict], add_ms: float | None) -> None:
     scaled; no memory traffic) beside add_: where it is above ~1x add_, the pass is compute-bound."""
     per = {r["config"]["variant"]: r["figures"]["ns_per_element_seed"] for r in rows
            if r["config"]["part"] == "portable"}
-    for k in (1, 2, 4, 5, 8, 64):
+    for k in portable_ks(per):
         ns, old = per.get(f"spread_shift K={k}"), per.get(f"bit_test K={k}")
         if ns is None or old is None:
             continue

@@ -37,6 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import portable_ks  # noqa: E402
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 DEFAULT_RESULTS = BENCH_DIR / "results"
@@ -450,7 +453,7 @@ def _cpu_variants_notes(rows: list[dict]) -> list[str]:
                    "is the kernel's own code, `bit_test K=k` the same with the earlier sums (a bit "
                    "test, a compare and two logic operations per element and seed); `bit exact`: "
                    "the two gave the same bits. `philox`: the path's Philox alone.")
-        for k in (1, 2, 4, 5, 8, 64):
+        for k in portable_ks(port):
             a, b = port.get(f"spread_shift K={k}"), port.get(f"bit_test K={k}")
             na = lookup(a, "figures.ns_per_16_element_seeds") if a else None
             nb = lookup(b, "figures.ns_per_16_element_seeds") if b else None

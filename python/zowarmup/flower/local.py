@@ -103,7 +103,6 @@ class LocalFederation:
         self._sigterm_seen = False    # a SIGTERM arrived while it was
         self._stopping = False
 
-    # -- processes -------------------------------------------------------------------------------
     # -- SIGTERM ---------------------------------------------------------------------------------
     # The processes run in their own sessions, so SIGTERM's default action on this process (a job
     # scheduler, `kill`, a test runner stopped from outside) would end it and leave them running.
@@ -135,6 +134,7 @@ class LocalFederation:
             self._sigterm_seen = False
             os.kill(os.getpid(), signal.SIGTERM)  # the processes are stopped: now the default action
 
+    # -- processes -------------------------------------------------------------------------------
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         self._arm_sigterm()
         log = self.workdir / f"{name}.log"
